@@ -1,0 +1,158 @@
+"""`netstat-exporter` serves metrics; `netstat-exporter snapshot` prints the same numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from . import __version__, config
+from .collectors import build_registry
+from .sampler import Sampler, SocketReader
+from .server import make_app, run_in_thread, serve
+
+log = logging.getLogger("netstat_exporter")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, never a usage dump or traceback
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _common_flags(parser: argparse.ArgumentParser, flags) -> None:
+    for flag in flags:
+        _field, _parse, help_text = config.OPTIONS[flag]
+        parser.add_argument(flag, dest=flag, metavar="VALUE", help=help_text)
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="netstat-exporter",
+                     description="Serve TCP/UDP socket-table metrics for Prometheus. "
+                                 "Run 'netstat-exporter snapshot --help' for the table view.")
+    parser.add_argument("--version", action="version", version=f"netstat-exporter {__version__}")
+    _common_flags(parser, config.OPTIONS)
+    return parser
+
+
+def _snapshot_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="netstat-exporter snapshot",
+                     description="Print TCP connection counts per state, like "
+                                 "netstat -ant | awk '/^tcp/ {++S[$NF]} END {for(a in S) print a, S[a]}'.")
+    parser.add_argument("--watch", metavar="SECONDS", type=float,
+                        help="print again every SECONDS, like netstat -c")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _common_flags(parser, ("--collector.sockets.source", "--path.procfs", "--listen.limit",
+                           "--log.level"))
+    return parser
+
+
+def _build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> config.Config:
+    flags = {k: v for k, v in vars(args).items() if k.startswith("--")}
+    try:
+        return config.build(flags, os.environ)
+    except config.ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)s")
+
+
+def _sampler(cfg: config.Config, interval: float) -> Sampler:
+    reader = SocketReader(cfg.socket_source, cfg.procfs)
+    return Sampler(reader, interval=interval, listen_limit=cfg.listen_limit,
+                   peak_window=cfg.peak_window)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["snapshot"]:
+        return snapshot_main(argv[1:])
+    parser = _serve_parser()
+    cfg = _build_config(parser.parse_args(argv), parser)
+    _setup_logging(cfg.log_level)
+    return serve_main(cfg)
+
+
+def serve_main(cfg: config.Config) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    sampler = _sampler(cfg, cfg.sample_interval)
+    host, port = cfg.listen
+    app = make_app(build_registry(lambda: sampler.snapshot, __version__), lambda: sampler.snapshot,
+                   cfg.telemetry_path, __version__)
+    try:
+        server = serve(app, host, port)
+    except OSError as exc:
+        print(f"netstat-exporter: error: cannot listen on {cfg.listen_address}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    sampler.start()  # the first sample completes before the server answers
+    bound = server.server_address
+    log.info("netstat-exporter %s listening on %s port %d, sampling every %gs",
+             __version__, bound[0], bound[1], cfg.sample_interval)
+    thread = run_in_thread(server)
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+    sampler.stop(5)
+    return 0
+
+
+def snapshot_main(argv: list[str]) -> int:
+    parser = _snapshot_parser()
+    args = parser.parse_args(argv)
+    if args.watch is not None and not args.watch > 0:
+        parser.error(f"--watch: must be a positive number of seconds, got {args.watch}")
+    cfg = _build_config(args, parser)
+    _setup_logging(cfg.log_level)
+    sampler = _sampler(cfg, args.watch or cfg.sample_interval)
+    try:
+        while True:
+            snapshot = sampler.sample_once()
+            tcp = snapshot.results["tcp"]
+            if not tcp.ok:
+                print(f"netstat-exporter: error: reading TCP sockets: {tcp.error}", file=sys.stderr)
+                return 1
+            if args.watch:
+                print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))}")
+            print(_render(snapshot, args.json), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _render(snapshot, as_json: bool) -> str:
+    tcp = snapshot.results["tcp"].data
+    totals = tcp.state_totals()
+    if as_json:
+        udp = snapshot.results["udp"]
+        document = {
+            "taken_at": snapshot.taken_at,
+            "tcp": {"states": totals,
+                    "by_family": _nest(tcp.connections),
+                    "listeners": [vars(lst) for lst in tcp.listeners]},
+            "udp": _nest(udp.data.sockets) if udp.ok else None,
+            "sources": dict(snapshot.socket_sources),
+        }
+        return json.dumps(document, sort_keys=True)
+    # The seed's recipe prints the states present, one "STATE count" per line.
+    present = sorted(((n, s) for s, n in totals.items() if n), key=lambda p: (-p[0], p[1]))
+    return "\n".join(f"{state} {count}" for count, state in present)
+
+
+def _nest(pairs) -> dict:
+    out: dict = {}
+    for (outer, inner), value in pairs.items():
+        out.setdefault(outer, {})[inner] = value
+    return out

@@ -1,0 +1,17 @@
+"""prometheus_client collectors, one per metric group. They read the latest snapshot through
+a get_snapshot() callable and only translate it; none of them touches the kernel."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from .exporter import ExporterCollector
+from .tcp import TcpCollector
+from .udp import UdpCollector
+
+
+def build_registry(get_snapshot, version: str) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    for collector in (TcpCollector(get_snapshot), UdpCollector(get_snapshot),
+                      ExporterCollector(get_snapshot, version)):
+        registry.register(collector)
+    return registry

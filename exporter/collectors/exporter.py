@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import platform
+import time
+
+from .base import gauge
+
+
+class ExporterCollector:
+    """The exporter's own health: build, per-collector success and cost, sample freshness."""
+
+    def __init__(self, get_snapshot, version: str, clock=time.monotonic):
+        self.get_snapshot = get_snapshot
+        self.version = version
+        self.clock = clock
+
+    def describe(self):
+        return [f.metric for f in self._families()]
+
+    @staticmethod
+    def _families():
+        return (
+            gauge("exporter_build_info", "Always 1; labels name the exporter and Python "
+                  "versions.", ("version", "python_version")),
+            gauge("exporter_collector_success", "1 when the collector's last sample "
+                  "succeeded, 0 when it failed (its metrics are then absent).", ("collector",)),
+            gauge("exporter_collector_duration_seconds", "Time the collector's last sample "
+                  "took.", ("collector",)),
+            gauge("exporter_sample_age_seconds", "Age of the snapshot this scrape was "
+                  "rendered from."),
+            gauge("exporter_sample_duration_seconds", "Time the last whole sample took."),
+            gauge("exporter_sample_effective_interval_seconds", "Interval the sampling loop "
+                  "keeps now: --sample.interval, stretched when a sample takes more than a "
+                  "fifth of it."),
+            gauge("exporter_sockets_scanned", "Sockets decoded in the last sample.",
+                  ("protocol",)),
+            gauge("exporter_socket_source", "1 for the kernel interface the socket tables "
+                  "are read from (netlink or proc).", ("protocol", "source")),
+        )
+
+    def collect(self):
+        (build, success, duration, age, sample_duration, interval, scanned,
+         source) = self._families()
+        build.add((self.version, platform.python_version()), 1)
+        snapshot = self.get_snapshot()
+        if snapshot is not None:
+            for name, result in snapshot.results.items():
+                success.add((name,), 1 if result.ok else 0)
+                duration.add((name,), result.duration)
+                count = getattr(result.data, "scanned", None)
+                if count is not None:
+                    scanned.add((name,), count)
+            age.add((), max(0.0, self.clock() - snapshot.monotonic))
+            sample_duration.add((), snapshot.duration)
+            interval.add((), snapshot.effective_interval)
+            for protocol, name in snapshot.socket_sources.items():
+                source.add((protocol, name), 1)
+        for family in (build, success, duration, age, sample_duration, interval, scanned,
+                       source):
+            yield family.metric

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from .base import gauge, result_of
+
+
+class TcpCollector:
+    def __init__(self, get_snapshot):
+        self.get_snapshot = get_snapshot
+
+    def describe(self):
+        return [f.metric for f in self._families()]
+
+    @staticmethod
+    def _families():
+        return (
+            gauge("tcp_connections", "TCP sockets by state, as netstat -ant counts them "
+                  "(SYN_RECV includes request sockets).", ("state", "family")),
+            gauge("tcp_connections_peak", "Largest TCP socket count per state seen over the "
+                  "peak window (catches bursts between scrapes).", ("state",)),
+            gauge("tcp_queue_bytes", "Sum of Recv-Q (receive) or Send-Q (send) bytes over the "
+                  "TCP sockets in a state; LISTEN queues are in netstat_tcp_listen_*.",
+                  ("state", "queue")),
+            gauge("tcp_listeners", "Distinct listening address:port pairs, before the "
+                  "--listen.limit cap on the per-listener metrics."),
+            gauge("tcp_listen_queue_length", "Connections waiting in a listener's accept "
+                  "queue (netstat -lnt Recv-Q); summed over SO_REUSEPORT sockets.",
+                  ("address", "port")),
+            gauge("tcp_listen_backlog", "Limit of a listener's accept queue (the listen() "
+                  "backlog capped by somaxconn); summed over SO_REUSEPORT sockets.",
+                  ("address", "port")),
+        )
+
+    def collect(self):
+        snapshot, tcp = result_of(self.get_snapshot, "tcp")
+        if tcp is None:
+            return
+        connections, peak, queues, listeners, queue_len, backlog = self._families()
+        for (state, family), count in tcp.connections.items():
+            connections.add((state, family), count)
+        for state, count in snapshot.peaks.items():
+            peak.add((state,), count)
+        for (state, queue), size in tcp.queue_bytes.items():
+            queues.add((state, queue), size)
+        listeners.add((), tcp.listeners_total)
+        for lst in tcp.listeners:
+            queue_len.add((lst.address, lst.port), lst.queue_length)
+            if lst.backlog is not None:
+                backlog.add((lst.address, lst.port), lst.backlog)
+        for family in (connections, peak, queues, listeners, queue_len, backlog):
+            yield family.metric

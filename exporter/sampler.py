@@ -1,0 +1,222 @@
+"""The scrape loop: sample the kernel in a background thread, publish immutable snapshots.
+
+Why sample in the background rather than at scrape time (Prometheus' guide prefers the
+latter): a dump of 1M sockets takes about a second of CPU, and at scrape time that cost
+would be paid once per scraper and show up as /metrics latency. Here it is paid once per
+interval whoever scrapes, /metrics answers from memory, and the peak window catches bursts
+between scrapes. The snapshot's age is exported so staleness is visible.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
+
+from . import aggregate
+from .sources import proc_sockets, sockdiag
+from .sources.table import NETSTAT_STATES, SocketTable
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+SOURCE_MODES = ("auto", "netlink", "proc")
+# A TCPDIAG_GETSOCK refused with one of these means the kernel lacks the one-walk request;
+# ask per family instead.
+_NO_COMPAT = {errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP}
+
+
+@dataclass(frozen=True)
+class SourceResult:
+    ok: bool
+    duration: float  # seconds
+    data: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float  # wall clock, seconds since the epoch
+    monotonic: float  # when the sample finished, time.monotonic()
+    duration: float  # the whole sample, seconds
+    effective_interval: float  # the interval the loop is keeping now (>= the configured one)
+    results: Mapping[str, SourceResult]
+    peaks: Mapping[str, int] = field(default_factory=dict)  # state -> max over peak window
+    socket_sources: Mapping[str, str] = field(default_factory=dict)  # protocol -> netlink|proc
+
+
+class SocketReader:
+    """Reads socket tables from netlink or /proc according to --collector.sockets.source.
+
+    In auto mode a netlink refusal switches that protocol to /proc for good and is logged once.
+    """
+
+    def __init__(self, mode: str = "auto", procfs: str = "/proc",
+                 dump: Callable[..., Iterator[SocketTable]] = sockdiag.dump,
+                 read_proc: Callable[..., Iterator[SocketTable]] = proc_sockets.read):
+        if mode not in SOURCE_MODES:
+            raise ValueError(f"unknown socket source {mode!r}")
+        self.mode = mode
+        self.procfs = procfs
+        self._dump = dump
+        self._read_proc = read_proc
+        self._per_family_tcp = False
+        self.sources = {name: ("proc" if mode == "proc" else "netlink") for name in PROTOCOLS}
+        self.missing: list[str] = []  # /proc files that were expected to be absent
+
+    def tables(self, protocol: str) -> Iterator[SocketTable]:
+        if self.sources[protocol] == "proc":
+            return self._read_proc(PROTOCOLS[protocol], self.procfs, self.missing)
+        return self._netlink(protocol)
+
+    def _netlink(self, protocol: str) -> Iterator[SocketTable]:
+        proto = PROTOCOLS[protocol]
+        if protocol == "tcp" and not self._per_family_tcp:
+            try:
+                yield from self._dump(proto, socket.AF_UNSPEC)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_COMPAT or isinstance(exc, sockdiag.DumpError):
+                    raise
+                log.info("TCPDIAG_GETSOCK refused (%s); dumping TCP per address family", exc)
+                self._per_family_tcp = True
+        for family in (socket.AF_INET, socket.AF_INET6):
+            yield from self._dump(proto, family)
+
+    def fall_back(self, protocol: str, exc: OSError) -> bool:
+        """After a netlink failure: switch to /proc if allowed. True when the caller should
+        read again (from /proc)."""
+        if self.mode != "auto" or self.sources[protocol] == "proc":
+            return False
+        if isinstance(exc, (sockdiag.DumpInterrupted, TimeoutError)):
+            return False
+        self.sources[protocol] = "proc"
+        log.warning("netlink sock_diag refused for %s (%s); reading %s/net/%s* instead",
+                    protocol, exc.strerror or exc, self.procfs, protocol)
+        return True
+
+
+def read_tcp(reader: SocketReader, listen_limit: int) -> aggregate.TcpSummary:
+    return _read(reader, "tcp", lambda: aggregate.TcpAccumulator(
+        listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink"))
+
+
+def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
+    return _read(reader, "udp", aggregate.UdpAccumulator)
+
+
+def _read(reader: SocketReader, protocol: str, new_accumulator):
+    # A dump is aggregated batch by batch; if it has to start over (interrupted, or netlink
+    # refused and we fall back to /proc), the partial sums are thrown away with it.
+    for _attempt in range(3):
+        acc = new_accumulator()
+        try:
+            for table in reader.tables(protocol):
+                acc.add(table)
+            return acc.result()
+        except sockdiag.DumpInterrupted:
+            continue
+        except OSError as exc:
+            if not reader.fall_back(protocol, exc):
+                raise
+    raise sockdiag.DumpInterrupted(errno.EINTR, f"{protocol} dump interrupted three times")
+
+
+class Sampler:
+    def __init__(self, reader: SocketReader, interval: float = 5.0, listen_limit: int = 100,
+                 peak_window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
+        self.reader = reader
+        self.interval = interval
+        self.listen_limit = listen_limit
+        self.peak_window = peak_window
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._sources: dict[str, Callable[[], Any]] = {
+            "tcp": lambda: read_tcp(self.reader, self.listen_limit),
+            "udp": lambda: read_udp(self.reader),
+        }
+        self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
+        self._effective_interval = interval
+        self._snapshot: Snapshot | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The latest published snapshot; readers take no lock (one reference swap)."""
+        return self._snapshot
+
+    def sample(self) -> Snapshot:
+        started = self._clock()
+        results = {}
+        for name, read in self._sources.items():
+            t0 = self._clock()
+            try:
+                data = read()
+            except Exception as exc:  # one failing source must never stop the others
+                log.error("collector %s failed: %s", name, exc,
+                          exc_info=not isinstance(exc, (OSError, ValueError)))
+                results[name] = SourceResult(False, self._clock() - t0, error=str(exc))
+            else:
+                results[name] = SourceResult(True, self._clock() - t0, data=data)
+        finished = self._clock()
+        self._stretch(finished - started)
+        return Snapshot(taken_at=self._wall_clock(), monotonic=finished,
+                        duration=finished - started,
+                        effective_interval=self._effective_interval,
+                        results=MappingProxyType(results),
+                        peaks=MappingProxyType(self._update_peaks(finished, results)),
+                        socket_sources=MappingProxyType(dict(self.reader.sources)))
+
+    def _update_peaks(self, now: float, results: Mapping[str, SourceResult]) -> dict[str, int]:
+        tcp = results.get("tcp")
+        if tcp is not None and tcp.ok:
+            self._history.append((now, tcp.data.state_totals()))
+        while self._history and self._history[0][0] < now - self.peak_window:
+            self._history.popleft()
+        peaks = dict.fromkeys(NETSTAT_STATES.values(), 0) if self._history else {}
+        for _when, totals in self._history:
+            for state, count in totals.items():
+                peaks[state] = max(peaks[state], count)
+        return peaks
+
+    def sample_once(self) -> Snapshot:
+        self._snapshot = self.sample()
+        return self._snapshot
+
+    def start(self) -> None:
+        """Take the first sample (so the server never answers without one), then loop."""
+        if self._snapshot is None:
+            self.sample_once()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            took = self._snapshot.duration if self._snapshot else 0.0
+            if self._stop.wait(max(0.0, self._effective_interval - took)):
+                return
+            self.sample_once()
+
+    def _stretch(self, took: float) -> None:
+        # Sampling may use at most a fifth of the interval: on a huge host the loop slows
+        # down and says so (netstat_exporter_sample_effective_interval_seconds) rather than
+        # eat a core.
+        wanted = max(self.interval, 5.0 * took)
+        if wanted > self.interval and self._effective_interval == self.interval:
+            log.warning("a sample took %.3fs, more than a fifth of --sample.interval=%gs; "
+                        "sampling every %.1fs instead", took, self.interval, wanted)
+        elif wanted == self.interval and self._effective_interval > self.interval:
+            log.info("samples are fast again; back to every %gs", self.interval)
+        self._effective_interval = wanted

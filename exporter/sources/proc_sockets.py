@@ -1,0 +1,113 @@
+"""TCP and UDP socket tables from /proc/net/{tcp,tcp6,udp,udp6}: the fallback for hosts
+where netlink sock_diag is refused (seccomp, an old container runtime, a missing module).
+
+It gives the same SocketTable as sockdiag.py for the same kernel state, except that a
+LISTEN socket's Send-Q is not its backlog here (the kernel prints write_seq - snd_una, 0),
+so callers must not report listen backlogs from this source.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import IO, Iterable, Iterator
+
+from .table import SocketTable
+
+FILES = {
+    # protocol -> ((file name, family), ...)
+    socket.IPPROTO_TCP: (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)),
+    socket.IPPROTO_UDP: (("udp", socket.AF_INET), ("udp6", socket.AF_INET6)),
+}
+_BATCH_LINES = 32768
+_ADDR_HEX = {socket.AF_INET: 8, socket.AF_INET6: 32}
+
+
+class ProcParseError(ValueError):
+    pass
+
+
+def parse_endpoint(text: str, family: int) -> tuple[tuple[int, int, int, int], int]:
+    """One "address:port" column -> (four address words, port).
+
+    The kernel prints each 32-bit word of the network-order address with %08X of its host
+    value, so int(word, 16) is already the host value we store:
+    "0100007F:0CEA" -> ((0x0100007F, 0, 0, 0), 3306) on a little-endian host (127.0.0.1).
+    """
+    addr, sep, port = text.partition(":")
+    if not sep or len(addr) != _ADDR_HEX[family] or len(port) != 4:
+        raise ValueError(f"bad endpoint {text!r}")
+    words = tuple(int(addr[i:i + 8], 16) for i in range(0, len(addr), 8))
+    return (words + (0, 0, 0))[:4], int(port, 16)
+
+
+def parse_lines(lines: Iterable[str], family: int, name: str = "?") -> Iterator[tuple]:
+    """Yield one tuple per socket line (after the header):
+    (state, local words, local port, remote words, remote port, rx_queue, tx_queue, uid, inode).
+
+    "   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
+    0 4242 ..." -> (10, (0x0100007F, 0, 0, 0), 3306, (0, 0, 0, 0), 0, 0, 0, 0, 4242)
+    """
+    for lineno, line in enumerate(lines, start=1):
+        if lineno == 1:
+            if not line.lstrip().startswith("sl"):
+                raise ProcParseError(f"{name}:1: not a socket table header: {line.rstrip()!r}")
+            continue
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) < 10 or not fields[0].endswith(":"):
+                raise ValueError("too few fields")
+            local, lport = parse_endpoint(fields[1], family)
+            remote, rport = parse_endpoint(fields[2], family)
+            state = int(fields[3], 16)
+            tx, sep, rx = fields[4].partition(":")
+            if not sep or not 0 < state < 256:
+                raise ValueError("bad state or queues")
+            yield (state, local, lport, remote, rport, int(rx, 16), int(tx, 16),
+                   int(fields[7]), int(fields[9]))
+        except ValueError as exc:
+            raise ProcParseError(f"{name}:{lineno}: {exc}: {line.rstrip()!r}") from None
+
+
+def _table(rows: list[tuple], family: int) -> SocketTable:
+    state, local, lport, remote, rport, rx, tx, uid, inode = zip(*rows)
+    return SocketTable.from_columns({
+        "family": [family] * len(rows), "state": state, "local_addr": local,
+        "local_port": lport, "remote_addr": remote, "remote_port": rport,
+        "recv_q": rx, "send_q": tx, "uid": uid, "inode": inode})
+
+
+def parse_file(stream: IO[str], family: int, name: str = "?") -> Iterator[SocketTable]:
+    rows: list[tuple] = []
+    for row in parse_lines(stream, family, name):
+        rows.append(row)
+        if len(rows) >= _BATCH_LINES:
+            yield _table(rows, family)
+            rows = []
+    if rows:
+        yield _table(rows, family)
+
+
+def read(protocol: int, procfs: str = "/proc", missing: list[str] | None = None
+         ) -> Iterator[SocketTable]:
+    """Yield the sockets of one protocol from procfs/net/*.
+
+    A missing file (IPv6 disabled) is expected: its name goes to `missing` and the other
+    family is still read. Anything else raises.
+    """
+    for name, family in FILES[protocol]:
+        path = os.path.join(procfs, "net", name)
+        try:
+            stream = open(path, encoding="ascii", errors="strict")
+        except OSError as exc:
+            if exc.errno == errno.ENOENT and missing is not None:
+                missing.append(path)
+                continue
+            raise
+        with stream:
+            try:
+                yield from parse_file(stream, family, path)
+            except UnicodeDecodeError as exc:
+                raise ProcParseError(f"{path}: not ASCII: {exc}") from None
