@@ -194,6 +194,8 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
     other = starts[~is_data]
     for start in other:
         kind = int(halves[2 * start + 2])
+        if kind in (NLMSG_DONE, NLMSG_ERROR) and words[start] < NLMSGHDR.size + 4:
+            raise DumpError(errno.EPROTO, f"netlink message type {kind} without its errno")
         if kind == NLMSG_DONE:
             err = int(np.frombuffer(data, dtype=np.int32, count=1, offset=4 * start + 16)[0])
             if err:

@@ -1,0 +1,135 @@
+"""The known socket mix in a private namespace: exact counts, cross-checked against ss, and
+netlink and /proc agreeing row for row."""
+from __future__ import annotations
+
+import collections
+import socket
+
+import pytest
+
+from exporter.collectors import build_registry
+from exporter.sampler import Sampler, SocketReader
+from exporter.sources import proc_sockets, sockdiag
+from exporter.sources.table import NETSTAT_STATES, SocketTable, TcpState
+from tests.kernel import build_mix
+
+pytestmark = pytest.mark.netns
+STATES = list(NETSTAT_STATES.values())
+
+
+@pytest.fixture
+def mix(netns_factory):
+    a, b = netns_factory(), netns_factory()
+    built = build_mix(a, b)
+    built.ns = a
+    yield built
+    built.close()
+
+
+def sample_in(ns, source="auto", **options):
+    with ns.entered():
+        sampler = Sampler(SocketReader(source, procfs="/proc/thread-self"), **options)
+        return sampler.sample_once()
+
+
+@pytest.mark.parametrize("source", ["netlink", "proc"])
+def test_state_counts_are_exact_and_match_ss(mix, source):
+    snapshot = sample_in(mix.ns, source)
+    tcp = snapshot.results["tcp"]
+    assert tcp.ok, tcp.error
+    expected = {(state, fam): mix.expected.get((state, fam), 0)
+                for state in STATES for fam in ("ipv4", "ipv6")}
+    assert dict(tcp.data.connections) == expected  # all 22 pairs, zeros included
+    ss_counts = mix.ns.ss_state_counts()
+    assert {s: n for s, n in tcp.data.state_totals().items() if n} == ss_counts
+    assert snapshot.socket_sources["tcp"] == source
+
+
+def test_queue_sums_and_listeners_match_ss(mix):
+    snapshot = sample_in(mix.ns, "netlink")
+    tcp = snapshot.results["tcp"].data
+    ss_rows = mix.ns.ss_tcp()
+    for state in STATES:
+        if state == "LISTEN":
+            continue
+        rows = [r for r in ss_rows if r["state"] == state]
+        assert tcp.queue_bytes[(state, "receive")] == sum(r["recv_q"] for r in rows), state
+        assert tcp.queue_bytes[(state, "send")] == sum(r["send_q"] for r in rows), state
+    assert tcp.queue_bytes[("FIN_WAIT1", "send")] > 0  # the FIN really waits behind data
+    listeners = {(l.address, l.port): (l.queue_length, l.backlog) for l in tcp.listeners}
+    assert listeners == {("127.0.0.1", 5002): (2, 7), ("127.0.0.1", 5000): (0, 64),
+                         ("::1", 5001): (0, 64), ("198.18.0.1", 6000): (0, 1024)}
+    # fullest queue first
+    assert (tcp.listeners[0].address, tcp.listeners[0].port) == ("127.0.0.1", 5002)
+    ss_listen = {(r["local"].rsplit(":", 1)[0].strip("[]"), int(r["local"].rsplit(":", 1)[1])):
+                 (r["recv_q"], r["send_q"]) for r in ss_rows if r["state"] == "LISTEN"}
+    assert listeners == ss_listen
+
+
+def test_proc_source_reports_no_backlog(mix):
+    tcp = sample_in(mix.ns, "proc").results["tcp"].data
+    assert {(l.port, l.queue_length, l.backlog) for l in tcp.listeners} == {
+        (5000, 0, None), (5001, 0, None), (5002, 2, None), (6000, 0, None)}
+
+
+def test_listen_limit_caps_listeners_fullest_first(mix):
+    tcp = sample_in(mix.ns, "netlink", listen_limit=2).results["tcp"].data
+    assert tcp.listeners_total == 4
+    assert [(l.port, l.queue_length) for l in tcp.listeners] == [(5002, 2), (5000, 0)]
+
+
+def test_netlink_and_proc_tables_are_identical(mix):
+    with mix.ns.entered():
+        for proto, name in ((socket.IPPROTO_TCP, "tcp"), (socket.IPPROTO_UDP, "udp")):
+            if name == "udp":
+                keep = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+                        socket.socket(socket.AF_INET6, socket.SOCK_DGRAM),
+                        socket.socket(socket.AF_INET, socket.SOCK_DGRAM)]
+                keep[0].bind(("127.0.0.1", 5353))
+                keep[1].bind(("::1", 0))
+                keep[2].connect(("127.0.0.1", 5353))
+                keep[2].send(b"datagram")
+                family_dumps = [sockdiag.dump(proto, f) for f in (socket.AF_INET, socket.AF_INET6)]
+                netlink = SocketTable.concat([t for d in family_dumps for t in d])
+            else:
+                netlink = SocketTable.concat(list(sockdiag.dump(proto)))
+            proc = SocketTable.concat(list(proc_sockets.read(proto, "/proc/thread-self")))
+            listen = TcpState.LISTEN if name == "tcp" else -1
+
+            def comparable(table):
+                # /proc cannot show a listener's backlog (Send-Q); everything else must match
+                return sorted(row if row[1] != listen else row[:7] + (None,) + row[8:]
+                              for row in table.rows())
+
+            assert len(netlink) == len(proc) > 0
+            assert comparable(netlink) == comparable(proc)
+        assert collections.Counter(r[1] for r in netlink.rows()) == {7: 2, 1: 1}
+
+
+def test_metrics_carry_the_exact_counts(mix):
+    with mix.ns.entered():
+        sampler = Sampler(SocketReader("netlink"))
+        sampler.sample_once()
+    registry = build_registry(lambda: sampler.snapshot, "test")
+    get = registry.get_sample_value
+    for state in STATES:
+        for fam in ("ipv4", "ipv6"):
+            assert get("netstat_tcp_connections", {"state": state, "family": fam}) == \
+                mix.expected.get((state, fam), 0), (state, fam)
+        assert get("netstat_tcp_connections_peak", {"state": state}) == mix.totals().get(state, 0)
+    assert get("netstat_tcp_listen_queue_length", {"address": "127.0.0.1", "port": "5002"}) == 2
+    assert get("netstat_tcp_listen_backlog", {"address": "127.0.0.1", "port": "5002"}) == 7
+    assert get("netstat_tcp_listeners") == 4
+    assert get("netstat_exporter_sockets_scanned", {"protocol": "tcp"}) == sum(mix.totals().values())
+    assert get("netstat_exporter_collector_success", {"collector": "tcp"}) == 1
+    assert get("netstat_exporter_collector_success", {"collector": "udp"}) == 1
+    assert get("netstat_udp_sockets", {"family": "ipv4", "state": "unconnected"}) == 0
+
+
+def test_syn_recv_dump_filtered_by_state(mix):
+    with mix.ns.entered():
+        mask = (1 << TcpState.SYN_RECV) | (1 << TcpState.CLOSE_WAIT)
+        table = SocketTable.concat(list(sockdiag.dump(socket.IPPROTO_TCP, states=mask)))
+    assert collections.Counter(table.state.tolist()) == {TcpState.SYN_RECV: 7, TcpState.CLOSE_WAIT: 4}
+    remotes = sorted(r[4] for r in table.rows() if r[1] == TcpState.SYN_RECV)
+    assert remotes == [f"198.18.100.{i}" for i in range(1, 8)]
