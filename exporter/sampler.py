@@ -67,12 +67,19 @@ class SocketReader:
         self._read_proc = read_proc
         self._per_family_tcp = False
         self.sources = {name: ("proc" if mode == "proc" else "netlink") for name in PROTOCOLS}
-        self.missing: list[str] = []  # /proc files that were expected to be absent
+        self.missing: set[str] = set()  # /proc files found absent where that is expected
 
     def tables(self, protocol: str) -> Iterator[SocketTable]:
         if self.sources[protocol] == "proc":
-            return self._read_proc(PROTOCOLS[protocol], self.procfs, self.missing)
+            return self._proc(protocol)
         return self._netlink(protocol)
+
+    def _proc(self, protocol: str) -> Iterator[SocketTable]:
+        missing: list[str] = []
+        yield from self._read_proc(PROTOCOLS[protocol], self.procfs, missing)
+        for path in set(missing) - self.missing:
+            log.info("%s is absent (IPv6 disabled?); counting IPv4 sockets only", path)
+        self.missing.update(missing)
 
     def _netlink(self, protocol: str) -> Iterator[SocketTable]:
         proto = PROTOCOLS[protocol]

@@ -94,15 +94,17 @@ def read(protocol: int, procfs: str = "/proc", missing: list[str] | None = None
          ) -> Iterator[SocketTable]:
     """Yield the sockets of one protocol from procfs/net/*.
 
-    A missing file (IPv6 disabled) is expected: its name goes to `missing` and the other
-    family is still read. Anything else raises.
+    A missing IPv6 file (IPv6 disabled) is expected: its name goes to `missing` and IPv4 is
+    still read. Anything else raises.
     """
     for name, family in FILES[protocol]:
         path = os.path.join(procfs, "net", name)
         try:
             stream = open(path, encoding="ascii", errors="strict")
         except OSError as exc:
-            if exc.errno == errno.ENOENT and missing is not None:
+            # Only the IPv6 tables may be absent (IPv6 disabled); without the IPv4 one
+            # there is no honest count to give.
+            if exc.errno == errno.ENOENT and family == socket.AF_INET6 and missing is not None:
                 missing.append(path)
                 continue
             raise

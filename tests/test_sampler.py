@@ -1,0 +1,178 @@
+"""The sampling loop: fallback when netlink is refused, failure isolation, stretching."""
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+
+import pytest
+
+from exporter import aggregate
+from exporter.collectors import build_registry
+from exporter.sampler import Sampler, SocketReader
+from exporter.sources.table import SocketTable, TcpState, parse_address
+from tests.test_proc_sockets import FIXTURES
+
+
+def refused(*_args, **_kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied")
+    yield  # a generator, like sockdiag.dump
+
+
+def test_auto_falls_back_to_proc_when_netlink_is_refused_and_logs_once(caplog):
+    reader = SocketReader("auto", procfs=str(FIXTURES), dump=refused)
+    sampler = Sampler(reader)
+    with caplog.at_level(logging.WARNING):
+        first = sampler.sample_once()
+        second = sampler.sample_once()
+    assert first.results["tcp"].ok and second.results["tcp"].ok
+    assert first.socket_sources == {"tcp": "proc", "udp": "proc"}
+    assert first.results["tcp"].data.state_totals()["SYN_RECV"] == 7
+    warnings = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 2  # once per protocol, not once per sample
+    assert "reading" in warnings[0] and "Permission denied" in warnings[0]
+
+
+def test_netlink_mode_does_not_fall_back_and_reports_failure():
+    sampler = Sampler(SocketReader("netlink", procfs=str(FIXTURES), dump=refused))
+    snapshot = sampler.sample_once()
+    assert not snapshot.results["tcp"].ok
+    assert "Permission denied" in snapshot.results["tcp"].error
+    registry = build_registry(lambda: sampler.snapshot, "test")
+    assert registry.get_sample_value("netstat_exporter_collector_success", {"collector": "tcp"}) == 0
+    assert registry.get_sample_value("netstat_tcp_connections",
+                                     {"state": "LISTEN", "family": "ipv4"}) is None
+    assert registry.get_sample_value("netstat_exporter_build_info",
+                                     {"version": "test", "python_version": pytest.importorskip("platform").python_version()}) == 1
+
+
+def test_one_failing_source_leaves_the_other_working(tmp_path):
+    # udp files are garbage, tcp files are good: tcp still reports, udp says why it failed
+    net = tmp_path / "net"
+    net.mkdir()
+    for name in ("tcp", "tcp6"):
+        (net / name).write_text((FIXTURES / "net" / name).read_text())
+    (net / "udp").write_text("  sl  local_address\n   0: nonsense\n")
+    sampler = Sampler(SocketReader("proc", procfs=str(tmp_path)))
+    snapshot = sampler.sample_once()
+    assert snapshot.results["tcp"].ok
+    assert not snapshot.results["udp"].ok
+    assert "udp:2" in snapshot.results["udp"].error
+    registry = build_registry(lambda: snapshot, "test")
+    assert registry.get_sample_value("netstat_exporter_collector_success", {"collector": "udp"}) == 0
+    assert registry.get_sample_value("netstat_tcp_connections",
+                                     {"state": "ESTABLISHED", "family": "ipv4"}) == 11
+
+
+def test_missing_ipv6_files_are_not_a_failure(tmp_path):
+    net = tmp_path / "net"
+    net.mkdir()
+    for name in ("tcp", "udp"):
+        (net / name).write_text((FIXTURES / "net" / name).read_text())
+    snapshot = Sampler(SocketReader("proc", procfs=str(tmp_path))).sample_once()
+    assert snapshot.results["tcp"].ok and snapshot.results["udp"].ok
+    assert snapshot.results["udp"].data.scanned == 2
+
+
+def test_missing_proc_entirely_fails_honestly(tmp_path):
+    snapshot = Sampler(SocketReader("proc", procfs=str(tmp_path / "nothing"))).sample_once()
+    assert not snapshot.results["tcp"].ok and not snapshot.results["udp"].ok
+
+
+def test_interrupted_dump_is_retried_from_scratch():
+    from exporter.sources.sockdiag import DumpInterrupted
+    calls = []
+    one = SocketTable.from_columns({"family": [socket.AF_INET], "state": [TcpState.LISTEN],
+                                    "local_addr": [parse_address("127.0.0.1")[1]],
+                                    "local_port": [80], "remote_addr": [[0, 0, 0, 0]],
+                                    "remote_port": [0], "recv_q": [0], "send_q": [5],
+                                    "inode": [1], "uid": [0]})
+
+    def flaky(protocol, family=socket.AF_UNSPEC):
+        calls.append(family)
+        yield one
+        if len(calls) == 1:
+            raise DumpInterrupted(errno.EINTR, "interrupted")
+
+    summary = aggregate_tcp(SocketReader("netlink", dump=flaky))
+    assert summary.state_totals()["LISTEN"] == 1  # not 2: the partial batch was dropped
+    assert len(calls) == 2
+
+
+def aggregate_tcp(reader):
+    from exporter.sampler import read_tcp
+    return read_tcp(reader, listen_limit=10)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_slow_samples_stretch_the_interval_and_recover(caplog):
+    clock = FakeClock()
+    cost = {"seconds": 0.0}
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), interval=5.0, clock=clock)
+
+    def slow():
+        clock.now += cost["seconds"]
+        return aggregate.TcpAccumulator().result()
+
+    sampler._sources = {"tcp": slow}
+    cost["seconds"] = 0.5  # a tenth of the interval: fine
+    assert sampler.sample_once().effective_interval == 5.0
+    cost["seconds"] = 2.0  # 40% of the interval: stretch to 5x the cost
+    with caplog.at_level(logging.WARNING):
+        assert sampler.sample_once().effective_interval == 10.0
+    assert any("more than a fifth" in r.getMessage() for r in caplog.records)
+    registry = build_registry(lambda: sampler.snapshot, "test")
+    assert registry.get_sample_value("netstat_exporter_sample_effective_interval_seconds") == 10.0
+    cost["seconds"] = 0.1
+    assert sampler.sample_once().effective_interval == 5.0
+
+
+def test_peak_window_keeps_the_largest_count_then_forgets_it():
+    clock = FakeClock()
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), peak_window=60, clock=clock)
+    sizes = iter([10, 3, 4])
+
+    def tcp():
+        acc = aggregate.TcpAccumulator()
+        n = next(sizes)
+        acc.add(SocketTable.from_columns({
+            "family": [socket.AF_INET] * n, "state": [TcpState.CLOSE_WAIT] * n,
+            "local_addr": [[1, 0, 0, 0]] * n, "local_port": [1] * n,
+            "remote_addr": [[2, 0, 0, 0]] * n, "remote_port": [2] * n,
+            "recv_q": [0] * n, "send_q": [0] * n, "inode": [0] * n, "uid": [0] * n}))
+        return acc.result()
+
+    sampler._sources = {"tcp": tcp}
+    assert sampler.sample_once().peaks["CLOSE_WAIT"] == 10
+    clock.now += 30
+    assert sampler.sample_once().peaks["CLOSE_WAIT"] == 10
+    clock.now += 31  # the 10 is now older than the window
+    assert sampler.sample_once().peaks["CLOSE_WAIT"] == 4
+
+
+def test_loop_publishes_new_snapshots_and_stops():
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), interval=0.05)
+    sampler.start()
+    first = sampler.snapshot
+    assert first is not None  # the first sample is taken before start() returns
+    seen = threading.Event()
+
+    def newer():
+        return sampler.snapshot is not first
+
+    for _ in range(100):
+        if newer():
+            seen.set()
+            break
+        threading.Event().wait(0.02)
+    sampler.stop(2)
+    assert seen.is_set()
+    assert not sampler._thread.is_alive()
