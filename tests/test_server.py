@@ -1,0 +1,209 @@
+"""HTTP behaviour: the real exporter process in a private namespace, and the WSGI app alone."""
+from __future__ import annotations
+
+import gzip
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+
+from exporter.server import make_app
+from tests.conftest import unavailable
+from tests.kernel import build_mix, wait_for
+
+PORT = 10101
+
+
+def fetch(path, headers=None, method="GET"):
+    request = urllib.request.Request(f"http://127.0.0.1:{PORT}{path}", headers=headers or {},
+                                     method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+@pytest.fixture
+def running(netns_factory, request):
+    """The exporter serving inside namespace a, which holds the known socket mix.
+
+    By default it samples once an hour: its only sample is then the one taken before it
+    answered, before any HTTP connection existed, so the counts are exact (the mix plus the
+    exporter's own listener). Tests that want snapshots swapping under them ask for less.
+    """
+    interval = getattr(request, "param", 3600)
+    a, b = netns_factory(), netns_factory()
+    mix = build_mix(a, b)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", a.name, sys.executable, "-m", "exporter",
+         f"--web.listen-address=127.0.0.1:{PORT}", f"--sample.interval={interval}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def up():
+        with a.entered():
+            try:
+                return fetch("/healthz")[0] == 200
+            except OSError:
+                return proc.poll() is not None  # stop waiting if it died
+    wait_for(up, timeout=15, what="the exporter to answer")
+    assert proc.poll() is None, proc.stderr.read()
+    yield SimpleNamespace(ns=a, proc=proc, mix=mix)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    mix.close()
+
+
+@pytest.mark.netns
+def test_metrics_have_exact_values_and_pass_promtool(running):
+    with running.ns.entered():
+        status, headers, body = fetch("/metrics")
+    text = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    expected = dict(running.mix.expected)
+    expected["LISTEN", "ipv4"] += 1  # the exporter's own
+    for (state, family), count in expected.items():
+        assert f'netstat_tcp_connections{{family="{family}",state="{state}"}} {count}.0\n' in text
+    assert 'netstat_tcp_connections{family="ipv4",state="CLOSING"} 0.0\n' in text
+    assert 'netstat_tcp_listen_queue_length{address="127.0.0.1",port="5002"} 2.0\n' in text
+    assert 'netstat_tcp_listen_backlog{address="127.0.0.1",port="5002"} 7.0\n' in text
+    assert 'netstat_exporter_collector_success{collector="tcp"} 1.0\n' in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        unavailable("promtool is not installed (Debian package 'prometheus')")
+    check = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.netns
+def test_negotiation_landing_page_health_and_errors(running):
+    with running.ns.entered():
+        status, headers, body = fetch("/metrics", {"Accept": "application/openmetrics-text"})
+        assert status == 200
+        assert headers["Content-Type"].startswith("application/openmetrics-text")
+        assert body.endswith(b"# EOF\n")
+        status, headers, body = fetch("/metrics", {"Accept-Encoding": "gzip"})
+        assert headers.get("Content-Encoding") == "gzip"
+        assert b"netstat_tcp_connections" in gzip.decompress(body)
+        status, _, body = fetch("/")
+        assert status == 200 and b'href="/metrics"' in body and b"0.1.0" in body
+        status, _, body = fetch("/healthz")
+        assert status == 200 and body.startswith(b"ok")
+        assert fetch("/nope")[0] == 404
+        assert fetch("/metrics", method="POST")[0] == 405
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("running", [0.1], indirect=True)
+def test_concurrent_scrapes_all_succeed(running):
+    failures, bodies = [], []
+
+    def scrape():
+        with running.ns.entered():
+            for _ in range(25):
+                status, _, body = fetch("/metrics")
+                if status != 200 or b'netstat_tcp_connections{family="ipv4",state="SYN_RECV"} 7.0' not in body:
+                    failures.append(status)
+                bodies.append(len(body))
+
+    threads = [threading.Thread(target=scrape) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures and len(bodies) == 200
+
+
+@pytest.mark.netns
+def test_sigterm_shuts_down_cleanly(running):
+    running.proc.send_signal(signal.SIGTERM)
+    assert running.proc.wait(10) == 0
+    stderr = running.proc.stderr.read()
+    assert "Traceback" not in stderr and "shutting down" in stderr
+
+
+def run_cli(*args, timeout=20):
+    return subprocess.run([sys.executable, "-m", "exporter", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_port_in_use_is_one_clear_line():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        done = run_cli(f"--web.listen-address=127.0.0.1:{port}")
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"netstat-exporter: error: cannot listen on 127.0.0.1:{port}: "
+                                   "Address already in use")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--sample.interval=0"], "--sample.interval: must be a number of seconds >= 0.05"),
+    (["--web.listen-address=nonsense"], "--web.listen-address: expected [host]:port"),
+    (["--web.listen-address=:99999"], "port must be 0-65535"),
+    (["--web.listen-address=::1:80"], "brackets"),
+    (["--collector.sockets.source=ebpf"], "must be one of auto, netlink, proc"),
+    (["--web.telemetry-path=metrics"], "must start with /"),
+    (["--listen.limit=-1"], "must be an integer >= 0"),
+    (["snapshot", "--watch=-3"], "--watch: must be a positive number"),
+    (["snapshot", "--watch=abc"], "invalid float value"),
+])
+def test_bad_flags_exit_2_with_one_line(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bad_flags_are_reported_together():
+    done = run_cli("--sample.interval=x", "--listen.limit=y")
+    assert done.returncode == 2
+    assert "--sample.interval" in done.stderr and "--listen.limit" in done.stderr
+
+
+def test_environment_variables_configure_and_flags_win(monkeypatch):
+    from exporter import config
+    cfg = config.build({"--listen.limit": "7"}, {"NETSTAT_EXPORTER_LISTEN_LIMIT": "3",
+                                                 "NETSTAT_EXPORTER_SAMPLE_INTERVAL": "2s"})
+    assert cfg.listen_limit == 7 and cfg.sample_interval == 2.0
+    with pytest.raises(config.ConfigError, match="NETSTAT_EXPORTER_PATH_PROCFS"):
+        config.build({}, {"NETSTAT_EXPORTER_PATH_PROCFS": ""})
+
+
+def call(app, path, method="GET"):
+    captured = {}
+
+    def start_response(status, headers):
+        captured["status"], captured["headers"] = status, dict(headers)
+
+    body = b"".join(app({"PATH_INFO": path, "REQUEST_METHOD": method}, start_response))
+    return captured["status"], body
+
+
+def test_healthz_turns_503_when_the_sample_is_stale():
+    from prometheus_client import CollectorRegistry
+    now = {"t": 1000.0}
+    snap = SimpleNamespace(monotonic=1000.0, effective_interval=5.0,
+                           results={"tcp": SimpleNamespace(ok=True), "udp": SimpleNamespace(ok=False)})
+    app = make_app(CollectorRegistry(), lambda: snap, clock=lambda: now["t"])
+    status, body = call(app, "/healthz")
+    assert status == "200 OK" and body == b"ok: last sample 0.0s ago; failing: udp\n"
+    now["t"] = 1015.5
+    status, body = call(app, "/healthz")
+    assert status.startswith("503") and b"stale" in body
+    app = make_app(CollectorRegistry(), lambda: None)
+    assert call(app, "/healthz")[0].startswith("503")
