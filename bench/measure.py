@@ -1,0 +1,74 @@
+"""Run inside the benchmark namespace: time the kernel's floor and the exporter's sample.
+
+    python -m bench.measure time REPS   -> JSON {floor: [s...], sample: [s...], sockets: n}
+    python -m bench.measure rss REPS    -> JSON {rss_kb: peak RSS after REPS full samples}
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import socket
+import sys
+import time
+
+from exporter.collectors import build_registry
+from exporter.sampler import Sampler, SocketReader
+from exporter.sources import sockdiag
+from exporter.sources.table import ALL_STATES_MASK
+from prometheus_client import generate_latest
+
+# The same three requests a sample makes: TCP both families in one walk, UDP per family.
+REQUESTS = ((socket.IPPROTO_TCP, socket.AF_UNSPEC), (socket.IPPROTO_UDP, socket.AF_INET),
+            (socket.IPPROTO_UDP, socket.AF_INET6))
+
+
+def floor() -> int:
+    """The dumps with no decoding at all: receive until NLMSG_DONE. Returns bytes read."""
+    total = 0
+    buf = bytearray(1 << 16)
+    view = memoryview(buf)
+    for protocol, family in REQUESTS:
+        with sockdiag.open_socket() as sock:
+            seq = 77
+            _type, request = sockdiag.build_request(protocol, family, ALL_STATES_MASK, seq)
+            sock.send(request)
+            while True:
+                n = sock.recv_into(view)
+                total += n
+                if sockdiag._check_datagram(view[:n], seq):
+                    break
+    return total
+
+
+def main() -> None:
+    mode, reps = sys.argv[1], int(sys.argv[2])
+    sampler = Sampler(SocketReader("netlink"), listen_limit=100)
+    registry = build_registry(lambda: sampler.snapshot, "bench")
+
+    def full_sample():
+        sampler.sample_once()
+        return generate_latest(registry)
+
+    if mode == "rss":
+        for _ in range(reps):
+            full_sample()
+        print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        return
+    floors, samples = [], []
+    full_sample()  # warm-up: imports, first allocations
+    for _ in range(reps):  # alternate, so drift hits both alike
+        t0 = time.perf_counter()
+        floor()
+        t1 = time.perf_counter()
+        full_sample()
+        t2 = time.perf_counter()
+        floors.append(t1 - t0)
+        samples.append(t2 - t1)
+    tcp = sampler.snapshot.results["tcp"].data
+    print(json.dumps({"floor": floors, "sample": samples, "sockets": tcp.scanned,
+                      "pid": os.getpid()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a Debian 12 machine (as root) and run it all.
+# Used as-is by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# promtool (prometheus), ip/ss (iproute2), netstat (net-tools), sysctl (procps),
+# node_exporter for the benchmark's comparison, iptables/conntrack for later collectors.
+apt-get install -y -qq --no-install-recommends python3 python3-venv iproute2 net-tools \
+    procps prometheus prometheus-node-exporter iptables conntrack >/dev/null
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "pytest collected no tests: that is a failure here" >&2
+    exit 1
+fi
+exit "$status"

@@ -1,0 +1,62 @@
+"""`netstat-exporter snapshot`: the seed's first recipe, answered from the same sample."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.kernel import build_mix
+
+pytestmark = pytest.mark.netns
+
+
+@pytest.fixture
+def mix(netns_factory):
+    a, b = netns_factory(), netns_factory()
+    built = build_mix(a, b)
+    built.ns = a
+    yield built
+    built.close()
+
+
+def snapshot(ns, *args):
+    return subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m", "exporter",
+                           "snapshot", *args], capture_output=True, text=True, timeout=30)
+
+
+def test_snapshot_prints_state_counts_like_the_awk_recipe(mix):
+    done = snapshot(mix.ns)
+    assert done.returncode == 0, done.stderr
+    # netstat -ant | awk '/^tcp/ {++S[$NF]} END {for(a in S) print a, S[a]}', sorted by count
+    assert done.stdout == ("ESTABLISHED 15\nSYN_RECV 7\nFIN_WAIT2 5\nTIME_WAIT 5\n"
+                           "CLOSE_WAIT 4\nLISTEN 4\nSYN_SENT 2\nFIN_WAIT1 1\nLAST_ACK 1\n")
+    awk = mix.ns.exec("sh", "-c", "netstat -ant | awk '/^tcp/ {++S[$NF]} END {for(a in S) print a, S[a]}'")
+    assert sorted(awk.split("\n")) == sorted(done.stdout.split("\n"))
+
+
+def test_snapshot_json_has_every_state_and_the_listeners(mix):
+    done = snapshot(mix.ns, "--json", "--collector.sockets.source=proc")
+    document = json.loads(done.stdout)
+    assert document["tcp"]["states"] == {**dict.fromkeys(document["tcp"]["states"], 0),
+                                         **mix.totals()}
+    assert len(document["tcp"]["states"]) == 11
+    assert document["tcp"]["by_family"]["ESTABLISHED"] == {"ipv4": 11, "ipv6": 4}
+    assert {l["port"] for l in document["tcp"]["listeners"]} == {5000, 5001, 5002, 6000}
+    assert document["sources"] == {"tcp": "proc", "udp": "proc"}
+
+
+def test_watch_repeats_until_interrupted(mix):
+    proc = subprocess.Popen(["ip", "netns", "exec", mix.ns.name, sys.executable, "-m", "exporter",
+                             "snapshot", "--watch", "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in err
+    blocks = [b for b in out.split("# ") if b]
+    assert len(blocks) >= 3
+    assert all("ESTABLISHED 15\n" in b for b in blocks)
