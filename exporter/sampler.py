@@ -214,7 +214,10 @@ class Sampler:
             took = self._snapshot.duration if self._snapshot else 0.0
             if self._stop.wait(max(0.0, self._effective_interval - took)):
                 return
-            self.sample_once()
+            try:
+                self.sample_once()
+            except Exception:  # sources are isolated already; this is a bug, keep sampling
+                log.exception("sampling failed; keeping the previous snapshot (it will go stale)")
 
     def _stretch(self, took: float) -> None:
         # Sampling may use at most a fifth of the interval: on a huge host the loop slows
