@@ -226,12 +226,3 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
         inode=words[b + _W_INODE],
     )
 
-
-def probe(protocol: int) -> str | None:
-    """None when this kernel answers dumps for the protocol; else why not (for the log)."""
-    try:
-        for _ in dump(protocol, socket.AF_INET, states=0):
-            pass
-    except OSError as exc:
-        return f"{exc.strerror or exc}"
-    return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import enum
 import ipaddress
 import socket
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,5 +141,3 @@ def parse_address(text: str) -> tuple[int, np.ndarray]:
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     return family, np.frombuffer(raw, dtype=np.uint32).copy()
 
-
-LITTLE_ENDIAN = sys.byteorder == "little"
