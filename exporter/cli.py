@@ -12,7 +12,9 @@ import time
 
 from . import __version__, config
 from .collectors import build_registry
+from .aggregate import REMOTE_STATES
 from .sampler import Sampler, SocketReader
+from .sources.table import STATE_BY_NAME
 from .server import make_app, run_in_thread, serve
 
 log = logging.getLogger("netstat_exporter")
@@ -23,10 +25,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+REMOTE_FLAGS = ("--remote.prefix-v4", "--remote.prefix-v6", "--remote.include",
+                "--remote.exclude", "--remote.mask", "--remote.mask-key")
+
+
 def _common_flags(parser: argparse.ArgumentParser, flags) -> None:
     for flag in flags:
         _field, _parse, help_text = config.OPTIONS[flag]
-        parser.add_argument(flag, dest=flag, metavar="VALUE", help=help_text)
+        if flag in config.SWITCHES:
+            parser.add_argument(flag, dest=flag, action="store_const", const="true",
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=flag, metavar="VALUE", help=help_text)
 
 
 def _serve_parser() -> argparse.ArgumentParser:
@@ -45,8 +55,15 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--watch", metavar="SECONDS", type=float,
                         help="print again every SECONDS, like netstat -c")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--top", metavar="N", type=int,
+                        help="print the N remote addresses with most connections instead, "
+                             "like ... | sort | uniq -c | sort -nr | head -n N")
+    parser.add_argument("--state", metavar="STATE", action="append",
+                        choices=sorted(STATE_BY_NAME),
+                        help="with --top (or alone: every address), count only connections "
+                             "in this state; repeat for several (TIME_WAIT, SYN_RECV, ...)")
     _common_flags(parser, ("--collector.sockets.source", "--path.procfs", "--listen.limit",
-                           "--log.level"))
+                           "--log.level", *REMOTE_FLAGS))
     return parser
 
 
@@ -64,9 +81,12 @@ def _setup_logging(level: str) -> None:
 
 
 def _sampler(cfg: config.Config, interval: float) -> Sampler:
+    if cfg.remote_mask and not cfg.remote_mask_key:
+        log.warning("--remote.mask without NETSTAT_EXPORTER_REMOTE_MASK_KEY: using a random "
+                    "key, so masked addresses change when the exporter restarts")
     reader = SocketReader(cfg.socket_source, cfg.procfs)
     return Sampler(reader, interval=interval, listen_limit=cfg.listen_limit,
-                   peak_window=cfg.peak_window)
+                   peak_window=cfg.peak_window, remote=cfg.remote_options(os.urandom(16)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +132,11 @@ def snapshot_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.watch is not None and not args.watch > 0:
         parser.error(f"--watch: must be a positive number of seconds, got {args.watch}")
+    if args.top is not None and args.top < 1:
+        parser.error(f"--top: must be at least 1, got {args.top}")
     cfg = _build_config(args, parser)
+    if args.state and "LISTEN" in args.state:
+        parser.error("--state: LISTEN sockets have no remote address")
     _setup_logging(cfg.log_level)
     sampler = _sampler(cfg, args.watch or cfg.sample_interval)
     try:
@@ -124,7 +148,10 @@ def snapshot_main(argv: list[str]) -> int:
                 return 1
             if args.watch:
                 print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))}")
-            print(_render(snapshot, args.json), flush=True)
+            if args.top is not None or args.state:
+                print(_render_remotes(snapshot, args, sampler.remote.mask_key), flush=True)
+            else:
+                print(_render(snapshot, args.json), flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.watch)
@@ -149,6 +176,18 @@ def _render(snapshot, as_json: bool) -> str:
     # The seed's recipe prints the states present, one "STATE count" per line.
     present = sorted(((n, s) for s, n in totals.items() if n), key=lambda p: (-p[0], p[1]))
     return "\n".join(f"{state} {count}" for count, state in present)
+
+
+def _render_remotes(snapshot, args, mask_key: bytes | None) -> str:
+    """The seed's recipes 1-3: remote addresses by connection count, most first."""
+    counts = snapshot.results["tcp"].data.remote.counts
+    states = [STATE_BY_NAME[s] for s in args.state] if args.state else list(REMOTE_STATES)
+    top = counts.top(states, args.top if args.top is not None else 1 << 62)
+    rows = [(count, key.text(mask_key)) for key, count in top]
+    if args.json:
+        return json.dumps([{"count": c, "remote": r} for c, r in rows])
+    # `uniq -c` prints the count right-aligned in seven columns
+    return "\n".join(f"{count:7d} {remote}" for count, remote in rows)
 
 
 def _nest(pairs) -> dict:

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from .aggregate import MIN_SERIES_LIMIT, RemoteOptions
 from .sampler import SOURCE_MODES
 
 ENV_PREFIX = "NETSTAT_EXPORTER_"
@@ -35,6 +36,27 @@ class Config:
     sysfs: str = "/sys"
     listen_limit: int = 100
     log_level: str = "info"
+    remote_top: int = 20
+    remote_prefix_v4: int = 32
+    remote_prefix_v6: int = 128
+    remote_include: tuple = ()
+    remote_exclude: tuple = ()
+    remote_mask: bool = False
+    remote_mask_key: str = ""
+    local_port_top: int = 50
+    series_limit: int = 2000
+
+    def remote_options(self, fallback_key: bytes = b"") -> RemoteOptions:
+        """fallback_key hashes addresses when --remote.mask is on but no key was configured
+        (the caller makes a random one, so hashes are stable only until a restart)."""
+        mask_key = None
+        if self.remote_mask:
+            mask_key = self.remote_mask_key.encode() or fallback_key
+        return RemoteOptions(
+            top=self.remote_top, prefix_v4=self.remote_prefix_v4,
+            prefix_v6=self.remote_prefix_v6, include=self.remote_include,
+            exclude=self.remote_exclude, mask_key=mask_key,
+            local_port_top=self.local_port_top, series_limit=self.series_limit)
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -59,20 +81,47 @@ def parse_listen_address(text: str) -> tuple[str, int]:
 
 def _seconds(minimum: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        value = float(text.removesuffix("s"))
+        try:
+            value = float(text.removesuffix("s"))
+        except ValueError:
+            value = math.nan
         if not math.isfinite(value) or value < minimum:
             raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text!r}")
         return value
     return parse
 
 
-def _count(minimum: int) -> Callable[[str], int]:
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise ValueError(f"must be an integer >= {minimum}, got {text!r}")
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise ValueError(f"must be an integer {bound}, got {text!r}")
         return value
     return parse
+
+
+def _networks(text: str) -> tuple:
+    """"10.0.0.0/8, ::1/128" -> (IPv4Network('10.0.0.0/8'), IPv6Network('::1/128'))."""
+    networks = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (write networks as address/prefix, e.g. 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {text!r}")
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
@@ -117,7 +166,28 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "--listen.limit": ("listen_limit", _count(0),
                        "most listeners exported with per-listener metrics (default 100)"),
     "--log.level": ("log_level", _choice(LOG_LEVELS), "debug, info, warning or error"),
+    "--remote.top": ("remote_top", _count(0),
+                     "remote addresses per TCP state with their own series (default 20)"),
+    "--remote.prefix-v4": ("remote_prefix_v4", _count(0, 32),
+                           "aggregate IPv4 remotes into networks of this prefix (default 32)"),
+    "--remote.prefix-v6": ("remote_prefix_v6", _count(0, 128),
+                           "aggregate IPv6 remotes into networks of this prefix (default 128; 64 is common)"),
+    "--remote.include": ("remote_include", _networks,
+                         "comma-separated CIDRs: only these remotes get their own series"),
+    "--remote.exclude": ("remote_exclude", _networks,
+                         "comma-separated CIDRs counted as remote=\"excluded\" (e.g. 127.0.0.0/8,::1/128)"),
+    "--remote.mask": ("remote_mask", _boolean,
+                      "replace remote addresses with a keyed hash (key: NETSTAT_EXPORTER_REMOTE_MASK_KEY)"),
+    "--remote.mask-key": ("remote_mask_key", str,
+                          "key for --remote.mask; prefer the environment variable (flags show in ps)"),
+    "--local-port.top": ("local_port_top", _count(0),
+                         "listening ports with their own series (default 50)"),
+    "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT),
+                       "hard cap on remote, local-port and listener series together (default 2000)"),
 }
+
+# Flags that take no value on the command line.
+SWITCHES = ("--remote.mask",)
 
 
 def env_name(flag: str) -> str:

@@ -47,6 +47,8 @@ class Snapshot:
     effective_interval: float  # the interval the loop is keeping now (>= the configured one)
     results: Mapping[str, SourceResult]
     peaks: Mapping[str, int] = field(default_factory=dict)  # state -> max over peak window
+    # metric -> series cut by --series.limit since start (a counter)
+    truncated_total: Mapping[str, int] = field(default_factory=dict)
     socket_sources: Mapping[str, str] = field(default_factory=dict)  # protocol -> netlink|proc
 
 
@@ -108,9 +110,12 @@ class SocketReader:
         return True
 
 
-def read_tcp(reader: SocketReader, listen_limit: int) -> aggregate.TcpSummary:
+def read_tcp(reader: SocketReader, listen_limit: int,
+             remote: aggregate.RemoteOptions | None = None,
+             previous: aggregate.TcpSummary | None = None) -> aggregate.TcpSummary:
     return _read(reader, "tcp", lambda: aggregate.TcpAccumulator(
-        listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink"))
+        listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink",
+        remote=remote, previous=previous))
 
 
 def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
@@ -136,16 +141,19 @@ def _read(reader: SocketReader, protocol: str, new_accumulator):
 
 class Sampler:
     def __init__(self, reader: SocketReader, interval: float = 5.0, listen_limit: int = 100,
-                 peak_window: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 peak_window: float = 60.0, remote: aggregate.RemoteOptions | None = None,
+                 clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         self.reader = reader
         self.interval = interval
         self.listen_limit = listen_limit
+        self.remote = remote
+        self._truncated_total = dict.fromkeys(aggregate.SERIES_LIMITED, 0) if remote else {}
         self.peak_window = peak_window
         self._clock = clock
         self._wall_clock = wall_clock
         self._sources: dict[str, Callable[[], Any]] = {
-            "tcp": lambda: read_tcp(self.reader, self.listen_limit),
+            "tcp": self._read_tcp,
             "udp": lambda: read_udp(self.reader),
         }
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
@@ -153,6 +161,15 @@ class Sampler:
         self._snapshot: Snapshot | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _read_tcp(self) -> aggregate.TcpSummary:
+        last = self._snapshot.results.get("tcp") if self._snapshot else None
+        previous = last.data if last is not None and last.ok else None
+        summary = read_tcp(self.reader, self.listen_limit, self.remote, previous)
+        if summary.remote is not None:
+            for metric, cut in summary.remote.truncated.items():
+                self._truncated_total[metric] += cut
+        return summary
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -179,6 +196,7 @@ class Sampler:
                         effective_interval=self._effective_interval,
                         results=MappingProxyType(results),
                         peaks=MappingProxyType(self._update_peaks(finished, results)),
+                        truncated_total=MappingProxyType(dict(self._truncated_total)),
                         socket_sources=MappingProxyType(dict(self.reader.sources)))
 
     def _update_peaks(self, now: float, results: Mapping[str, SourceResult]) -> dict[str, int]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import platform
 import time
 
-from .base import gauge
+from .base import counter, gauge
 
 
 class ExporterCollector:
@@ -36,11 +36,14 @@ class ExporterCollector:
                   ("protocol",)),
             gauge("exporter_socket_source", "1 for the kernel interface the socket tables "
                   "are read from (netlink or proc).", ("protocol", "source")),
+            counter("exporter_series_truncated", "Label sets cut by --series.limit, summed "
+                    "over samples; their counts went to the metric's \"other\" series.",
+                    ("metric",)),
         )
 
     def collect(self):
         (build, success, duration, age, sample_duration, interval, scanned,
-         source) = self._families()
+         source, truncated) = self._families()
         build.add((self.version, platform.python_version()), 1)
         snapshot = self.get_snapshot()
         if snapshot is not None:
@@ -55,6 +58,8 @@ class ExporterCollector:
             interval.add((), snapshot.effective_interval)
             for protocol, name in snapshot.socket_sources.items():
                 source.add((protocol, name), 1)
+            for metric, cut in snapshot.truncated_total.items():
+                truncated.add((metric,), cut)
         for family in (build, success, duration, age, sample_duration, interval, scanned,
-                       source):
+                       source, truncated):
             yield family.metric

@@ -28,13 +28,21 @@ class TcpCollector:
             gauge("tcp_listen_backlog", "Limit of a listener's accept queue (the listen() "
                   "backlog capped by somaxconn); summed over SO_REUSEPORT sockets.",
                   ("address", "port")),
+            gauge("tcp_remote_connections", "TCP sockets per remote address (or network with "
+                  "--remote.prefix-*) and state: the top --remote.top per state, the rest in "
+                  "remote=\"other\", filtered ones in remote=\"excluded\"; summing over "
+                  "remote gives netstat_tcp_connections for the state.", ("remote", "state")),
+            gauge("tcp_local_port_connections", "Server-side TCP sockets (local port is a "
+                  "listening port) per port and state: the top --local-port.top ports, the "
+                  "rest in port=\"other\".", ("port", "state")),
         )
 
     def collect(self):
         snapshot, tcp = result_of(self.get_snapshot, "tcp")
         if tcp is None:
             return
-        connections, peak, queues, listeners, queue_len, backlog = self._families()
+        (connections, peak, queues, listeners, queue_len, backlog, remote,
+         local_port) = self._families()
         for (state, family), count in tcp.connections.items():
             connections.add((state, family), count)
         for state, count in snapshot.peaks.items():
@@ -46,5 +54,12 @@ class TcpCollector:
             queue_len.add((lst.address, lst.port), lst.queue_length)
             if lst.backlog is not None:
                 backlog.add((lst.address, lst.port), lst.backlog)
-        for family in (connections, peak, queues, listeners, queue_len, backlog):
+        families = [connections, peak, queues, listeners, queue_len, backlog]
+        if tcp.remote is not None:
+            for (state, address), count in tcp.remote.remote.items():
+                remote.add((address, state), count)
+            for (state, port), count in tcp.remote.local_port.items():
+                local_port.add((port, state), count)
+            families += [remote, local_port]
+        for family in families:
             yield family.metric
