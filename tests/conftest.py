@@ -36,16 +36,21 @@ def _check_netns_support() -> str | None:
 _support: list[str | None] = []
 
 
-@pytest.fixture
-def netns_factory():
+def new_netns() -> Netns:
+    """A fresh namespace with lo up; skips (fails in CI) where namespaces are unavailable."""
     if not _support:
         _support.append(_check_netns_support())
     if _support[0]:
         unavailable(_support[0])
+    return Netns.create(f"nse-{uuid.uuid4().hex[:10]}")
+
+
+@pytest.fixture
+def netns_factory():
     created: list[Netns] = []
 
     def make() -> Netns:
-        ns = Netns.create(f"nse-{uuid.uuid4().hex[:10]}")
+        ns = new_netns()
         created.append(ns)
         return ns
 

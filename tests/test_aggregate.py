@@ -1,0 +1,201 @@
+"""aggregate.py is pure: parametrised tables and hypothesis properties."""
+from __future__ import annotations
+
+import collections
+import ipaddress
+import socket
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from exporter import aggregate
+from exporter.aggregate import (EXCLUDED, MIN_SERIES_LIMIT, OTHER, PORT_STATES, REMOTE_STATES,
+                                RemoteKey, RemoteOptions, TcpAccumulator, top_n)
+from exporter.sources.table import NETSTAT_STATES, SocketTable, TcpState, parse_address
+
+
+def table(rows):
+    """rows: (state, remote, local_port[, local]) with addresses as text."""
+    cols = collections.defaultdict(list)
+    for state, remote, lport, *local in rows:
+        fam, rwords = parse_address(remote)
+        _lf, lwords = parse_address(local[0] if local else ("::1" if fam == socket.AF_INET6 else "127.0.0.1"))
+        cols["family"].append(fam)
+        cols["state"].append(state)
+        cols["remote_addr"].append(rwords)
+        cols["remote_port"].append(0 if state == TcpState.LISTEN else 1234)
+        cols["local_addr"].append(lwords)
+        cols["local_port"].append(lport)
+    n = len(rows)
+    for name in ("recv_q", "send_q", "inode", "uid"):
+        cols[name] = [0] * n
+    return SocketTable.from_columns(dict(cols))
+
+
+def summarize(rows, previous=None, batches=1, listen_limit=100, **options):
+    acc = TcpAccumulator(listen_limit=listen_limit, remote=RemoteOptions(**options),
+                         previous=previous)
+    t = table(rows)
+    for chunk in np.array_split(np.arange(len(t)), batches):
+        acc.add(SocketTable(**{c: getattr(t, c)[chunk] for c in
+                               ("family", "state", "local_addr", "local_port", "remote_addr",
+                                "remote_port", "recv_q", "send_q", "inode", "uid")}))
+    return acc.result()
+
+
+E, TW, SR = TcpState.ESTABLISHED, TcpState.TIME_WAIT, TcpState.SYN_RECV
+
+
+def test_top_n_other_and_mapped_addresses():
+    rows = ([(E, "203.0.113.1", 443)] * 5 + [(E, "203.0.113.2", 443)] * 3
+            + [(E, "::ffff:203.0.113.2", 443)] * 2 + [(E, "2001:db8::7", 443)] * 4
+            + [(E, "198.51.100.9", 50000)] + [(TcpState.LISTEN, "0.0.0.0", 443)])
+    remote = summarize(rows, top=2).remote
+    assert remote.remote[("ESTABLISHED", "203.0.113.1")] == 5
+    assert remote.remote[("ESTABLISHED", "203.0.113.2")] == 5  # mapped counts as IPv4
+    assert remote.remote[("ESTABLISHED", OTHER)] == 5
+    assert ("LISTEN", OTHER) not in remote.remote
+    assert remote.local_port[("ESTABLISHED", "443")] == 14  # 50000 is a client port
+    assert remote.local_port[("ESTABLISHED", OTHER)] == 0
+    assert all(port in ("443", OTHER) for _s, port in remote.local_port)
+
+
+def test_ties_go_to_the_lower_address():
+    rows = [(E, "10.0.0.9", 80), (E, "10.0.0.3", 80), (E, "10.0.0.5", 80)]
+    remote = summarize(rows, top=2).remote
+    assert [k for k in remote.remote if k[0] == "ESTABLISHED"] == [
+        ("ESTABLISHED", "10.0.0.3"), ("ESTABLISHED", "10.0.0.5"), ("ESTABLISHED", OTHER)]
+
+
+def test_prefix_aggregation():
+    rows = ([(SR, "198.18.100.1", 80)] * 5 + [(SR, "198.18.100.2", 80)] * 3
+            + [(SR, "198.18.101.7", 80)] * 2 + [(E, "2001:db8:0:1::5", 80)] * 2
+            + [(E, "2001:db8:0:1::6", 80)] + [(E, "2001:db8:0:2::1", 80)])
+    remote = summarize(rows, prefix_v4=24, prefix_v6=64).remote.remote
+    assert remote[("SYN_RECV", "198.18.100.0/24")] == 8
+    assert remote[("SYN_RECV", "198.18.101.0/24")] == 2
+    assert remote[("ESTABLISHED", "2001:db8:0:1::/64")] == 3
+    assert remote[("ESTABLISHED", "2001:db8:0:2::/64")] == 1
+    assert summarize(rows, prefix_v4=0).remote.remote[("SYN_RECV", "0.0.0.0/0")] == 10
+
+
+def test_include_exclude_and_mask():
+    rows = ([(E, "127.0.0.1", 80)] * 4 + [(E, "10.1.2.3", 80)] * 2 + [(E, "::1", 80)]
+            + [(E, "::ffff:127.0.0.2", 80)])
+    loopback = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    remote = summarize(rows, exclude=loopback).remote.remote
+    assert remote[("ESTABLISHED", EXCLUDED)] == 6
+    assert remote[("ESTABLISHED", "10.1.2.3")] == 2
+    assert remote[("ESTABLISHED", OTHER)] == 0
+    remote = summarize(rows, include=(ipaddress.ip_network("10.0.0.0/8"),)).remote.remote
+    assert remote[("ESTABLISHED", EXCLUDED)] == 6 and remote[("ESTABLISHED", "10.1.2.3")] == 2
+    masked = summarize(rows, mask_key=b"k1").remote.remote
+    labels = [label for (state, label) in masked if state == "ESTABLISHED" and label != OTHER]
+    assert len(labels) == 4 and all(l.startswith("hash:") and len(l) == 17 for l in labels)
+    assert summarize(rows, mask_key=b"k1").remote.remote == masked  # stable for a key
+    assert set(summarize(rows, mask_key=b"k2").remote.remote) != set(masked)
+    assert sum(v for (s, _), v in masked.items() if s == "ESTABLISHED") == 8
+
+
+def test_hysteresis_keeps_members_until_clearly_beaten():
+    assert top_n({"a": 10, "b": 11}, 1, frozenset({"a"})) == [("a", 10)]
+    assert top_n({"a": 10, "b": 12}, 1, frozenset({"a"})) == [("a", 10)]
+    assert top_n({"a": 10, "b": 13}, 1, frozenset({"a"})) == [("b", 13)]
+    assert top_n({"a": 10, "b": 11}, 1) == [("b", 11)]
+    # across samples: counts wobbling around each other do not flip membership
+    first = summarize([(E, "10.0.0.1", 80)] * 10 + [(E, "10.0.0.2", 80)] * 9, top=1)
+    assert first.remote.remote.get(("ESTABLISHED", "10.0.0.1")) == 10
+    second = summarize([(E, "10.0.0.1", 80)] * 9 + [(E, "10.0.0.2", 80)] * 10, top=1,
+                       previous=first)
+    assert second.remote.remote.get(("ESTABLISHED", "10.0.0.1")) == 9
+    assert second.remote.remote[("ESTABLISHED", OTHER)] == 10
+    third = summarize([(E, "10.0.0.1", 80)] * 5 + [(E, "10.0.0.2", 80)] * 10, top=1,
+                      previous=second)
+    assert third.remote.remote.get(("ESTABLISHED", "10.0.0.2")) == 10
+
+
+def test_series_limit_cuts_smallest_first_and_counts_it():
+    rows = [(E, f"10.0.0.{i}", 80) for i in range(1, 11) for _ in range(i)]
+    rows.append((TcpState.LISTEN, "0.0.0.0", 80))
+    # port 80 (one series per state), its listener (two) and three remotes fit
+    limit = MIN_SERIES_LIMIT + len(PORT_STATES) + 2 + 3
+    summary = summarize(rows, series_limit=limit)
+    remote = summary.remote
+    shown = [l for (s, l) in remote.remote if s == "ESTABLISHED" and l != OTHER]
+    assert shown == ["10.0.0.10", "10.0.0.9", "10.0.0.8"]
+    assert remote.remote[("ESTABLISHED", OTHER)] == sum(range(1, 8))
+    assert remote.truncated["netstat_tcp_remote_connections"] == 7
+    assert remote.truncated["netstat_tcp_local_port_connections"] == 0
+    assert [l.port for l in summary.listeners] == [80]
+    tight = summarize(rows, series_limit=MIN_SERIES_LIMIT + 2)  # only the listener fits
+    assert tight.remote.truncated["netstat_tcp_local_port_connections"] == len(PORT_STATES)
+    assert tight.remote.local_port[("ESTABLISHED", OTHER)] == 55
+    assert len(tight.listeners) == 1
+    tighter = summarize(rows, series_limit=MIN_SERIES_LIMIT)
+    assert tighter.listeners == () and tighter.listeners_total == 1
+    assert tighter.remote.truncated["netstat_tcp_listen_backlog"] == 1
+
+
+@pytest.mark.parametrize("batches", [1, 3])
+def test_batches_do_not_change_the_result(batches):
+    rows = [(E, f"10.0.{i % 3}.{i % 7}", 80 + i % 2) for i in range(50)] + \
+        [(TcpState.LISTEN, "0.0.0.0", 80), (TcpState.LISTEN, "0.0.0.0", 81)]
+    one = summarize(rows, top=4, prefix_v4=30)
+    many = summarize(rows, top=4, prefix_v4=30, batches=batches)
+    assert dict(one.remote.remote) == dict(many.remote.remote)
+    assert dict(one.remote.local_port) == dict(many.remote.local_port)
+
+
+ADDRESSES = ["10.0.0.1", "10.0.0.2", "10.0.1.1", "192.0.2.77", "::ffff:10.0.0.2",
+             "::ffff:192.0.2.1", "2001:db8::1", "2001:db8::2", "2001:db8:1::1", "::1", "127.0.0.1"]
+NETWORKS = ["10.0.0.0/8", "10.0.0.0/24", "2001:db8::/32", "::1/128", "127.0.0.0/8", "192.0.2.0/25"]
+STATES = [s for s in NETSTAT_STATES if s != TcpState.CLOSE]
+
+
+@settings(max_examples=250, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(STATES), st.sampled_from(ADDRESSES),
+                               st.sampled_from([22, 80, 443, 40000, 50000])), max_size=60),
+       top=st.integers(0, 5), port_top=st.integers(0, 3), prefix_v4=st.integers(0, 32),
+       prefix_v6=st.integers(0, 128), extra=st.integers(0, 60), listen_limit=st.integers(0, 5),
+       include=st.lists(st.sampled_from(NETWORKS), max_size=2, unique=True),
+       exclude=st.lists(st.sampled_from(NETWORKS), max_size=2, unique=True),
+       batches=st.integers(1, 3))
+def test_sums_are_conserved_and_series_stay_under_the_limit(
+        rows, top, port_top, prefix_v4, prefix_v6, extra, listen_limit, include, exclude, batches):
+    limit = MIN_SERIES_LIMIT + extra
+    summary = summarize(rows, top=top, local_port_top=port_top, prefix_v4=prefix_v4,
+                        prefix_v6=prefix_v6, series_limit=limit, listen_limit=listen_limit,
+                        include=tuple(map(ipaddress.ip_network, include)),
+                        exclude=tuple(map(ipaddress.ip_network, exclude)), batches=batches)
+    remote = summary.remote
+    per_state = collections.Counter(NETSTAT_STATES[s] for s, _a, _p in rows)
+    listening = {p for s, _a, p in rows if s == TcpState.LISTEN}
+    for state in REMOTE_STATES:
+        name = NETSTAT_STATES[state]
+        values = {l: v for (s, l), v in remote.remote.items() if s == name}
+        assert sum(values.values()) == per_state[name]
+        assert all(v >= 0 for v in values.values())
+        assert all(v > 0 for l, v in values.items() if l not in (OTHER, EXCLUDED))
+        assert len(values) - 2 <= top
+    for state in PORT_STATES:
+        name = NETSTAT_STATES[state]
+        served = sum(1 for s, _a, p in rows if s == state and p in listening)
+        assert sum(v for (s, _l), v in remote.local_port.items() if s == name) == served
+    labelled = (sum(1 for (_s, l) in remote.remote if l not in (OTHER, EXCLUDED))
+                + sum(1 for (_s, l) in remote.local_port if l != OTHER)
+                + 2 * len(summary.listeners))
+    assert MIN_SERIES_LIMIT + labelled <= limit
+    for (_s, label) in remote.remote:
+        if label not in (OTHER, EXCLUDED):
+            net = ipaddress.ip_network(label)
+            assert net.prefixlen == (prefix_v4 if net.version == 4 else prefix_v6)
+    # every sample's truncation is reported per metric
+    assert set(remote.truncated) == set(aggregate.SERIES_LIMITED)
+
+
+def test_remote_key_text():
+    assert RemoteKey(4, 0xC0000201, 32).text() == "192.0.2.1"
+    assert RemoteKey(4, 0xC0000200, 24).text() == "192.0.2.0/24"
+    assert RemoteKey(6, 1, 128).text() == "::1"
+    assert RemoteKey(6, 0x20010DB8 << 96, 64).text() == "2001:db8::/64"
