@@ -2,6 +2,9 @@
 
     python -m bench.measure time REPS   -> JSON {floor: [s...], sample: [s...], sockets: n}
     python -m bench.measure rss REPS    -> JSON {rss_kb: peak RSS after REPS full samples}
+    python -m bench.measure remote REPS -> JSON {base: [s...], remote: [s...]}: the sample
+                                           without and with per-remote/per-port counts
+    python -m bench.measure remote-rss REPS -> JSON {rss_kb: ...} with per-remote counts
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import socket
 import sys
 import time
 
+from exporter.aggregate import RemoteOptions
 from exporter.collectors import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import sockdiag
@@ -43,6 +47,8 @@ def floor() -> int:
 
 def main() -> None:
     mode, reps = sys.argv[1], int(sys.argv[2])
+    if mode in ("remote", "remote-rss"):
+        return remote(mode, reps)
     sampler = Sampler(SocketReader("netlink"), listen_limit=100)
     registry = build_registry(lambda: sampler.snapshot, "bench")
 
@@ -68,6 +74,38 @@ def main() -> None:
     tcp = sampler.snapshot.results["tcp"].data
     print(json.dumps({"floor": floors, "sample": samples, "sockets": tcp.scanned,
                       "pid": os.getpid()}))
+
+
+def remote(mode: str, reps: int) -> None:
+    """The foundation's sample against the same sample with per-remote and per-port counts
+    (default options: top 20 per state, top 50 ports), alternating."""
+    plain = Sampler(SocketReader("netlink"))
+    full = Sampler(SocketReader("netlink"), remote=RemoteOptions())
+    registries = {s: build_registry(lambda s=s: s.snapshot, "bench") for s in (plain, full)}
+
+    def run(sampler):
+        sampler.sample_once()
+        return generate_latest(registries[sampler])
+
+    if mode == "remote-rss":
+        for _ in range(reps):
+            run(full)
+        print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        return
+    run(plain)
+    run(full)
+    base, extended = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run(plain)
+        t1 = time.perf_counter()
+        run(full)
+        t2 = time.perf_counter()
+        base.append(t1 - t0)
+        extended.append(t2 - t1)
+    counts = full.snapshot.results["tcp"].data.remote.counts
+    print(json.dumps({"base": base, "remote": extended, "distinct_remotes": len(counts.v4_addr)
+                      + len(counts.v6_addr), "sockets": full.snapshot.results["tcp"].data.scanned}))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class SocketFarm:
                 os.close(ready_r)
                 os.close(stop_w)
                 with netns.entered(self.ns_path):
-                    held = _connect_pairs(port, pairs, sources)
+                    held = _connect_pairs(port, pairs, sources, self.sockets // 2)
                 os.write(ready_w, b"1")
                 os.read(stop_r, 1)  # returns when the parent closes its end
                 del held
@@ -65,7 +65,8 @@ class SocketFarm:
         self.sockets = 0
 
 
-def _connect_pairs(port: int, pairs: int, sources: list[str] | None) -> list[socket.socket]:
+def _connect_pairs(port: int, pairs: int, sources: list[str] | None,
+                   offset: int) -> list[socket.socket]:
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(("127.0.0.1", port))
@@ -74,7 +75,7 @@ def _connect_pairs(port: int, pairs: int, sources: list[str] | None) -> list[soc
     for i in range(pairs):
         client = socket.socket()
         if sources:
-            client.bind((sources[i % len(sources)], 0))
+            client.bind((sources[(offset + i) % len(sources)], 0))
         client.connect(("127.0.0.1", port))
         accepted, _ = server.accept()
         held += (client, accepted)
