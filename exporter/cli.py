@@ -105,8 +105,8 @@ def serve_main(cfg: config.Config) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sampler = _sampler(cfg, cfg.sample_interval)
     host, port = cfg.listen
-    app = make_app(build_registry(lambda: sampler.snapshot, __version__), lambda: sampler.snapshot,
-                   cfg.telemetry_path, __version__)
+    registry = build_registry(lambda: sampler.snapshot, __version__, cfg.snmp_fields)
+    app = make_app(registry, lambda: sampler.snapshot, cfg.telemetry_path, __version__)
     try:
         server = serve(app, host, port)
     except OSError as exc:

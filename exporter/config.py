@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -45,6 +46,7 @@ class Config:
     remote_mask_key: str = ""
     local_port_top: int = 50
     series_limit: int = 2000
+    snmp_fields: re.Pattern | None = None
 
     def remote_options(self, fallback_key: bytes = b"") -> RemoteOptions:
         """fallback_key hashes addresses when --remote.mask is on but no key was configured
@@ -149,6 +151,13 @@ def _directory(text: str) -> str:
     return text.rstrip("/") or "/"
 
 
+def _regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
+
+
 # flag -> (Config field, parser, help)
 OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "--web.listen-address": ("listen_address", _listen,
@@ -184,6 +193,9 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                          "listening ports with their own series (default 50)"),
     "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT),
                        "hard cap on remote, local-port and listener series together (default 2000)"),
+    "--collector.snmp.fields": ("snmp_fields", _regex,
+                                "regex over Group_Field (e.g. 'Tcp_.*|TcpExt_Listen.*'): the "
+                                "netstat -s fields to export (default: all)"),
 }
 
 # Flags that take no value on the command line.

@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from . import aggregate
-from .sources import proc_sockets, sockdiag
+from .sources import proc_sockets, snmp, sockdiag, sockstat
 from .sources.table import NETSTAT_STATES, SocketTable
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,13 @@ class Snapshot:
     socket_sources: Mapping[str, str] = field(default_factory=dict)  # protocol -> netlink|proc
 
 
+def note_missing(seen: set[str], paths: list[str]) -> None:
+    """Log once per file that an optional file (IPv6's) is absent."""
+    for path in sorted(set(paths) - seen):
+        log.info("%s is absent (IPv6 disabled?); reporting IPv4 only", path)
+    seen.update(paths)
+
+
 class SocketReader:
     """Reads socket tables from netlink or /proc according to --collector.sockets.source.
 
@@ -79,9 +86,7 @@ class SocketReader:
     def _proc(self, protocol: str) -> Iterator[SocketTable]:
         missing: list[str] = []
         yield from self._read_proc(PROTOCOLS[protocol], self.procfs, missing)
-        for path in set(missing) - self.missing:
-            log.info("%s is absent (IPv6 disabled?); counting IPv4 sockets only", path)
-        self.missing.update(missing)
+        note_missing(self.missing, missing)
 
     def _netlink(self, protocol: str) -> Iterator[SocketTable]:
         proto = PROTOCOLS[protocol]
@@ -155,12 +160,20 @@ class Sampler:
         self._sources: dict[str, Callable[[], Any]] = {
             "tcp": self._read_tcp,
             "udp": lambda: read_udp(self.reader),
+            "snmp": lambda: self._optional(snmp.read),
+            "sockstat": lambda: self._optional(sockstat.read),
         }
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self._effective_interval = interval
         self._snapshot: Snapshot | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def _optional(self, read):
+        missing: list[str] = []
+        data = read(self.reader.procfs, missing)
+        note_missing(self.reader.missing, missing)
+        return data
 
     def _read_tcp(self) -> aggregate.TcpSummary:
         last = self._snapshot.results.get("tcp") if self._snapshot else None
