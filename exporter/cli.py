@@ -12,6 +12,7 @@ import time
 
 from . import __version__, config
 from .collectors import build_registry
+from .collectors.snmp import GAUGES
 from .aggregate import REMOTE_STATES
 from .sampler import Sampler, SocketReader
 from .sources.table import STATE_BY_NAME
@@ -55,6 +56,9 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--watch", metavar="SECONDS", type=float,
                         help="print again every SECONDS, like netstat -c")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("-s", "--statistics", action="store_true",
+                        help="print the protocol statistics grouped like netstat -s (with "
+                             "--watch, counters show their rate)")
     parser.add_argument("--top", metavar="N", type=int,
                         help="print the N remote addresses with most connections instead, "
                              "like ... | sort | uniq -c | sort -nr | head -n N")
@@ -139,16 +143,21 @@ def snapshot_main(argv: list[str]) -> int:
         parser.error("--state: LISTEN sockets have no remote address")
     _setup_logging(cfg.log_level)
     sampler = _sampler(cfg, args.watch or cfg.sample_interval)
+    previous = None
     try:
         while True:
             snapshot = sampler.sample_once()
-            tcp = snapshot.results["tcp"]
-            if not tcp.ok:
-                print(f"netstat-exporter: error: reading TCP sockets: {tcp.error}", file=sys.stderr)
+            needed = "snmp" if args.statistics else "tcp"
+            result = snapshot.results[needed]
+            if not result.ok:
+                print(f"netstat-exporter: error: reading {needed}: {result.error}", file=sys.stderr)
                 return 1
             if args.watch:
                 print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))}")
-            if args.top is not None or args.state:
+            if args.statistics:
+                print(_render_statistics(snapshot, previous, args.json), flush=True)
+                previous = snapshot
+            elif args.top is not None or args.state:
                 print(_render_remotes(snapshot, args, sampler.remote.mask_key), flush=True)
             else:
                 print(_render(snapshot, args.json), flush=True)
@@ -188,6 +197,26 @@ def _render_remotes(snapshot, args, mask_key: bytes | None) -> str:
         return json.dumps([{"count": c, "remote": r} for c, r in rows])
     # `uniq -c` prints the count right-aligned in seven columns
     return "\n".join(f"{count:7d} {remote}" for count, remote in rows)
+
+
+def _render_statistics(snapshot, previous, as_json: bool) -> str:
+    """netstat -s: one block per group, one field per line; with a previous snapshot,
+    counters also show their rate since then."""
+    stats = snapshot.results["snmp"].data
+    before = previous.results["snmp"].data if previous and previous.results["snmp"].ok else None
+    elapsed = snapshot.monotonic - previous.monotonic if previous else 0.0
+    if as_json:
+        return json.dumps(stats)
+    lines = []
+    for group, fields in stats.items():
+        lines.append(f"{group}:")
+        for field, value in fields.items():
+            line = f"    {field} {value}"
+            old = (before or {}).get(group, {}).get(field)
+            if old is not None and elapsed > 0 and (group, field) not in GAUGES:
+                line += f" ({(value - old) / elapsed:+.1f}/s)"
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def _nest(pairs) -> dict:
