@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from . import aggregate
-from .sources import proc_sockets, snmp, sockdiag, sockstat
+from .sources import conntrack, interfaces, proc_sockets, snmp, sockdiag, sockstat
 from .sources.table import NETSTAT_STATES, SocketTable
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,10 @@ class Snapshot:
 
 
 def note_missing(seen: set[str], paths: list[str]) -> None:
-    """Log once per file that an optional file (IPv6's) is absent."""
+    """Log once per file that an optional file (IPv6's, conntrack's) is absent."""
     for path in sorted(set(paths) - seen):
-        log.info("%s is absent (IPv6 disabled?); reporting IPv4 only", path)
+        log.info("%s is absent (IPv6 disabled or module not loaded); its metrics are left out",
+                 path)
     seen.update(paths)
 
 
@@ -162,6 +163,8 @@ class Sampler:
             "udp": lambda: read_udp(self.reader),
             "snmp": lambda: self._optional(snmp.read),
             "sockstat": lambda: self._optional(sockstat.read),
+            "interfaces": lambda: self._optional(interfaces.read),
+            "conntrack": lambda: self._optional(conntrack.read),
         }
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self._effective_interval = interval

@@ -187,6 +187,11 @@ class SockstatCollector:
         if data.tcp_max_orphans is not None:
             family("sockstat_tcp_max_orphans", "net.ipv4.tcp_max_orphans: orphan sockets "
                    "allowed before they are reset.", ()).add((), data.tcp_max_orphans)
+        if data.local_port_range is not None:
+            first, last = data.local_port_range
+            family("sockstat_ephemeral_ports", "Ports in net.ipv4.ip_local_port_range: how "
+                   "many connections to one destination address and port can exist at once "
+                   "(TIME_WAIT included).", ()).add((), max(0, last - first + 1))
         for proto, limits in (("tcp", data.tcp_mem), ("udp", data.udp_mem)):
             if limits is None:
                 continue

@@ -23,6 +23,7 @@ class Sockstat:
     tcp_max_orphans: int | None
     tcp_mem: tuple[int, int, int] | None  # pages: min, pressure, max
     udp_mem: tuple[int, int, int] | None
+    local_port_range: tuple[int, int] | None  # net.ipv4.ip_local_port_range (per namespace)
 
 
 def parse(lines: Iterable[str], name: str = "?") -> Iterator[tuple[str, str, int]]:
@@ -80,4 +81,5 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> Sockstat:
     return Sockstat(values=values, page_size=os.sysconf("SC_PAGE_SIZE"),
                     tcp_max_orphans=orphans[0] if orphans else None,
                     tcp_mem=_read_ints(os.path.join(sysctl, "tcp_mem"), 3),
-                    udp_mem=_read_ints(os.path.join(sysctl, "udp_mem"), 3))
+                    udp_mem=_read_ints(os.path.join(sysctl, "udp_mem"), 3),
+                    local_port_range=_read_ints(os.path.join(sysctl, "ip_local_port_range"), 2))

@@ -1,0 +1,42 @@
+"""netfilter connection tracking table fill (`netstat -M` territory): entries in use and the
+table's limit, from /proc/sys/net/netfilter/nf_conntrack_{count,max}.
+
+Both are per network namespace. When nf_conntrack is not loaded the files do not exist:
+that is expected, and read() returns None (no metrics rather than zeros).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+class ConntrackParseError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Conntrack:
+    entries: int
+    limit: int
+
+
+def parse_int(text: str, path: str) -> int:
+    """"262144\\n" -> 262144"""
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConntrackParseError(f"{path}: not an integer: {text.strip()!r}") from None
+
+
+def read(procfs: str = "/proc", missing: list[str] | None = None) -> Conntrack | None:
+    values = []
+    for name in ("nf_conntrack_count", "nf_conntrack_max"):
+        path = os.path.join(procfs, "sys", "net", "netfilter", name)
+        try:
+            with open(path, encoding="ascii") as stream:
+                values.append(parse_int(stream.read(), path))
+        except FileNotFoundError:
+            if missing is not None:
+                missing.append(path)
+            return None
+    return Conntrack(entries=values[0], limit=values[1])

@@ -1,0 +1,48 @@
+"""Interface counters (`netstat -i`) from /proc/net/dev.
+
+    Inter-|   Receive                                                |  Transmit
+     face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs ...
+        lo:  208961     179    0    0    0     0          0         0   208961     179    0 ...
+-> {"lo": {"receive_bytes": 208961, "receive_packets": 179, ..., "transmit_bytes": 208961, ...}}
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+# The 16 columns, named as exported (netstat_interface_<name>_total).
+COLUMNS = ("receive_bytes", "receive_packets", "receive_errors", "receive_drops",
+           "receive_fifo_errors", "receive_frame_errors", "receive_compressed",
+           "receive_multicast", "transmit_bytes", "transmit_packets", "transmit_errors",
+           "transmit_drops", "transmit_fifo_errors", "transmit_collisions",
+           "transmit_carrier_errors", "transmit_compressed")
+
+
+class InterfacesParseError(ValueError):
+    pass
+
+
+def parse(lines: Iterable[str], name: str = "?") -> dict[str, dict[str, int]]:
+    devices: dict[str, dict[str, int]] = {}
+    for lineno, line in enumerate(lines, start=1):
+        if lineno <= 2:  # the two header lines
+            if "|" not in line:
+                raise InterfacesParseError(f"{name}:{lineno}: not a /proc/net/dev header: {line.rstrip()!r}")
+            continue
+        device, sep, rest = line.partition(":")
+        values = rest.split()
+        if not sep or not device.strip() or len(values) != len(COLUMNS):
+            raise InterfacesParseError(f"{name}:{lineno}: expected 'device: {len(COLUMNS)} counters': "
+                                       f"{line.rstrip()!r}")
+        try:
+            devices[device.strip()] = dict(zip(COLUMNS, map(int, values)))
+        except ValueError:
+            raise InterfacesParseError(f"{name}:{lineno}: counters must be integers: "
+                                       f"{line.rstrip()!r}") from None
+    return devices
+
+
+def read(procfs: str = "/proc", missing: list[str] | None = None) -> dict[str, dict[str, int]]:
+    path = os.path.join(procfs, "net", "dev")
+    with open(path, encoding="ascii") as stream:
+        return parse(stream, path)
