@@ -80,6 +80,15 @@ def veth_pair(a: Netns, b: Netns, addr_a: str, addr_b: str) -> None:
         ns.ip("link", "set", dev, "up")
 
 
+def pin_neighbours(ns: Netns, dev: str, addresses: list[str]) -> None:
+    """Give unowned addresses a permanent, made-up MAC. Without it ARP fails after ~3 s and
+    the kernel aborts the SYN_SENT and SYN_RECV sockets aimed at them (ICMP host
+    unreachable); with it the SYNs and SYN-ACKs leave and are never answered, so those
+    sockets live for their full retry time (about a minute)."""
+    for addr in sorted(set(addresses)):
+        ns.ip("neigh", "replace", addr, "lladdr", "02:00:5e:00:53:01", "dev", dev, "nud", "permanent")
+
+
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -181,6 +190,9 @@ def build_mix(a: Netns, b: Netns) -> SocketMix:
     """
     veth_pair(a, b, f"{A_ADDR}/15", f"{B_ADDR}/15")
     a.sysctl("net.ipv4.tcp_max_syn_backlog", "4096")
+    spoofed = [f"198.18.100.{i}" for i in range(1, 8)]
+    unanswered = ["198.18.9.9", "198.18.9.10"]
+    pin_neighbours(a, "veth-a", spoofed + unanswered)
     mix = SocketMix(expected=collections.Counter())
     exp = mix.expected
     keep = mix.keep
@@ -218,7 +230,7 @@ def build_mix(a: Netns, b: Netns) -> SocketMix:
         for i in range(2):
             pending = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             pending.setblocking(False)
-            err = pending.connect_ex((f"198.18.9.{9 + i}", 80))
+            err = pending.connect_ex((unanswered[i], 80))
             assert err == errno.EINPROGRESS, os.strerror(err)
             keep.append(pending)
         exp["SYN_SENT", "ipv4"] += 2
@@ -236,7 +248,6 @@ def build_mix(a: Netns, b: Netns) -> SocketMix:
         keep += [client, server]
         exp["LAST_ACK", "ipv4"] += 1
         exp["FIN_WAIT2", "ipv4"] += 1
-    spoofed = [f"198.18.100.{i}" for i in range(1, 8)]
     with b.entered():
         send_spoofed_syns(spoofed, A_ADDR, 6000)
     exp["SYN_RECV", "ipv4"] += len(spoofed)

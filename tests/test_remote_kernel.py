@@ -15,7 +15,8 @@ from exporter.collectors import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources.table import NETSTAT_STATES
 from tests.conftest import new_netns
-from tests.kernel import A_ADDR, B_ADDR, connect_pair, listener, send_spoofed_syns, veth_pair, wait_for
+from tests.kernel import (A_ADDR, B_ADDR, connect_pair, listener, pin_neighbours,
+                          send_spoofed_syns, veth_pair, wait_for)
 
 pytestmark = pytest.mark.netns
 
@@ -39,6 +40,7 @@ def remotes():
     built = Remotes(a)
     try:
         veth_pair(a, b, f"{A_ADDR}/15", f"{B_ADDR}/15")
+        pin_neighbours(a, "veth-a", list(SYN_RECV))
         with a.entered():
             v4 = listener(socket.AF_INET, "127.0.0.1", 7000, 256)
             dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
