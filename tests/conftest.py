@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -10,6 +11,14 @@ import pytest
 from tests.kernel import Netns
 
 IN_CI = os.environ.get("CI") == "true"
+
+
+def load_script(path, name: str):
+    """Import a script that is not part of the package (deploy/, grafana/) under its own name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def unavailable(reason: str):

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import unavailable
+from tests.conftest import load_script, new_netns, unavailable
 from tests.kernel import build_mix, wait_for
 
 pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "grafana" / "preview"))
-import render as preview  # noqa: E402
+preview = load_script(ROOT / "grafana" / "preview" / "render.py", "preview_render")
 
 PROM = "http://127.0.0.1:19090"
 VARIABLES = {"job": "netstat", "instance": "127.0.0.1:10101", "state": "SYN_RECV",
@@ -37,7 +36,6 @@ def api(ns, path, **params):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from tests.conftest import new_netns
     if shutil.which("prometheus") is None:
         unavailable("prometheus is not installed (Debian package 'prometheus')")
     a, b = new_netns(), new_netns()

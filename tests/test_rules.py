@@ -4,16 +4,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import unavailable
+from tests.conftest import load_script, unavailable
 
 RULES = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
-sys.path.insert(0, str(RULES))
-import render  # noqa: E402
+render = load_script(RULES / "render.py", "rules_render")
 
 
 def promtool():
