@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # promtool (prometheus), ip/ss (iproute2), netstat (net-tools), sysctl (procps),
-# node_exporter for the benchmark's comparison, iptables/conntrack for later collectors.
+# node_exporter for the benchmark's comparison, iptables/conntrack, podman/debootstrap/runc
+# to build and run the image, systemd for systemd-analyze.
 apt-get install -y -qq --no-install-recommends python3 python3-venv iproute2 net-tools \
-    procps prometheus prometheus-node-exporter iptables conntrack >/dev/null
+    procps prometheus prometheus-node-exporter iptables conntrack systemd >/dev/null
+# podman as Debian recommends it (conmon, network plugins, storage tools)
+apt-get install -y -qq podman debootstrap runc buildah >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
