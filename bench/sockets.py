@@ -57,7 +57,7 @@ class SocketFarm:
         self.workers.append((pid, stop_w))
 
     def close(self) -> None:
-        for pid, stop_w in self.workers:
+        for _pid, stop_w in self.workers:
             os.close(stop_w)
         for pid, _ in self.workers:
             os.waitpid(pid, 0)

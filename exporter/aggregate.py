@@ -27,6 +27,16 @@ def _family_index(family: np.ndarray) -> np.ndarray:
     return (family == socket.AF_INET6).astype(np.intp)
 
 
+def _count_state_family(table: SocketTable, protocol: str):
+    """One batch's (state, family index, counts[state, family index])."""
+    state = table.state.astype(np.intp)
+    if int(state.max()) >= _STATE_SLOTS:
+        raise ValueError(f"{protocol} state {int(state.max())} out of range")
+    family = _family_index(table.family)
+    counts = np.bincount(state * 2 + family, minlength=_STATE_SLOTS * 2).reshape(_STATE_SLOTS, 2)
+    return state, family, counts
+
+
 def _sum_by(keys: np.ndarray, values: np.ndarray, slots: int) -> np.ndarray:
     """Exact per-key sums of uint32 values. bincount sums in float64, which is exact only
     while a sum stays below 2**53, so no more than 2**21 values go into one call."""
@@ -89,11 +99,8 @@ class TcpAccumulator:
         if not len(table):
             return
         self._sockets += len(table)
-        state = table.state.astype(np.intp)
-        if int(state.max()) >= _STATE_SLOTS:
-            raise ValueError(f"TCP state {int(state.max())} out of range")
-        slot = state * 2 + _family_index(table.family)
-        self._counts += np.bincount(slot, minlength=_STATE_SLOTS * 2).reshape(_STATE_SLOTS, 2)
+        state, _family, counts = _count_state_family(table, "TCP")
+        self._counts += counts
         for col, queue in enumerate((table.recv_q, table.send_q)):
             self._queues[:, col] += _sum_by(state, queue, _STATE_SLOTS)
         self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
@@ -153,12 +160,8 @@ class UdpAccumulator:
         if not len(table):
             return
         self._total += len(table)
-        state = table.state.astype(np.intp)
-        if int(state.max()) >= _STATE_SLOTS:
-            raise ValueError(f"UDP state {int(state.max())} out of range")
-        fam = _family_index(table.family)
-        self._counts += np.bincount(state * 2 + fam,
-                                    minlength=_STATE_SLOTS * 2).reshape(_STATE_SLOTS, 2)
+        _state, fam, counts = _count_state_family(table, "UDP")
+        self._counts += counts
         for col, queue in enumerate((table.recv_q, table.send_q)):
             self._queues[:, col] += _sum_by(fam, queue, 2)
 

@@ -71,3 +71,14 @@ def netns_factory():
 @pytest.fixture
 def netns(netns_factory) -> Netns:
     return netns_factory()
+
+
+@pytest.fixture
+def mix(netns_factory):
+    """The known socket mix of tests/kernel.py:build_mix in a namespace (mix.ns)."""
+    from tests.kernel import build_mix
+    a, b = netns_factory(), netns_factory()
+    built = build_mix(a, b)
+    built.ns = a
+    yield built
+    built.close()

@@ -9,18 +9,8 @@ import time
 
 import pytest
 
-from tests.kernel import build_mix
 
 pytestmark = pytest.mark.netns
-
-
-@pytest.fixture
-def mix(netns_factory):
-    a, b = netns_factory(), netns_factory()
-    built = build_mix(a, b)
-    built.ns = a
-    yield built
-    built.close()
 
 
 def snapshot(ns, *args):

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -103,7 +102,7 @@ GLOBAL_ONLY = ("netstat_sockstat_tcp_max_orphans", "netstat_sockstat_tcp_mem_lim
 
 def test_every_dashboard_query_returns_data(stack):
     empty = []
-    for dash, title, expr in dashboard_exprs():
+    for _dash, title, expr in dashboard_exprs():
         query = preview.substitute(expr, VARIABLES, "15s")
         result = api(stack, "/api/v1/query", query=query)
         assert result["status"] == "success", (title, query, result)

@@ -5,7 +5,6 @@ import itertools
 import socket
 import struct
 
-import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 

@@ -3,22 +3,18 @@ from __future__ import annotations
 import platform
 import time
 
-from .base import counter, gauge
+from .base import SnapshotCollector, counter, gauge
 
 
-class ExporterCollector:
+class ExporterCollector(SnapshotCollector):
     """The exporter's own health: build, per-collector success and cost, sample freshness."""
 
     def __init__(self, get_snapshot, version: str, clock=time.monotonic):
-        self.get_snapshot = get_snapshot
+        super().__init__(get_snapshot)
         self.version = version
         self.clock = clock
 
-    def describe(self):
-        return [f.metric for f in self._families()]
-
-    @staticmethod
-    def _families():
+    def families(self):
         return (
             gauge("exporter_build_info", "Always 1; labels name the exporter and Python "
                   "versions.", ("version", "python_version")),
@@ -43,7 +39,7 @@ class ExporterCollector:
 
     def collect(self):
         (build, success, duration, age, sample_duration, interval, scanned,
-         source, truncated) = self._families()
+         source, truncated) = self.families()
         build.add((self.version, platform.python_version()), 1)
         snapshot = self.get_snapshot()
         if snapshot is not None:

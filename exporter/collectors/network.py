@@ -1,19 +1,16 @@
 """Interfaces (/proc/net/dev) and the conntrack table: small groups, one collector each."""
 from __future__ import annotations
 
-from .base import counter, gauge, result_of
+from .base import SnapshotCollector, counter, gauge, result_of
 
 # Most devices with their own series: a host with thousands of veths still scrapes small.
 INTERFACE_LIMIT = 256
 
 
-class InterfacesCollector:
+class InterfacesCollector(SnapshotCollector):
     def __init__(self, get_snapshot, limit: int = INTERFACE_LIMIT):
-        self.get_snapshot = get_snapshot
+        super().__init__(get_snapshot)
         self.limit = limit
-
-    def describe(self):
-        return []
 
     def collect(self):
         _snapshot, devices = result_of(self.get_snapshot, "interfaces")
@@ -33,13 +30,7 @@ class InterfacesCollector:
             yield family.metric
 
 
-class ConntrackCollector:
-    def __init__(self, get_snapshot):
-        self.get_snapshot = get_snapshot
-
-    def describe(self):
-        return []
-
+class ConntrackCollector(SnapshotCollector):
     def collect(self):
         _snapshot, table = result_of(self.get_snapshot, "conntrack")
         if table is None:  # nf_conntrack not loaded: nothing to report, nothing failed

@@ -12,7 +12,7 @@ import re
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .base import PREFIX, gauge, result_of
+from .base import PREFIX, SnapshotCollector, gauge, result_of
 
 _ACRONYM = re.compile(r"([A-Z]+)([A-Z][a-z])")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
@@ -108,13 +108,10 @@ def metric_for(group: str, field: str) -> tuple[str, str, float]:
     return "counter", base, 1
 
 
-class SnmpCollector:
+class SnmpCollector(SnapshotCollector):
     def __init__(self, get_snapshot, fields: re.Pattern | None = None):
-        self.get_snapshot = get_snapshot
+        super().__init__(get_snapshot)
         self.fields = fields  # fullmatch against "Group_Field" (TcpExt_ListenOverflows)
-
-    def describe(self):
-        return []  # the field set depends on the kernel
 
     def collect(self):
         _snapshot, stats = result_of(self.get_snapshot, "snmp")
@@ -153,13 +150,7 @@ SOCKSTAT_KEYS = {
 }
 
 
-class SockstatCollector:
-    def __init__(self, get_snapshot):
-        self.get_snapshot = get_snapshot
-
-    def describe(self):
-        return []
-
+class SockstatCollector(SnapshotCollector):
     def collect(self):
         _snapshot, data = result_of(self.get_snapshot, "sockstat")
         if data is None:

@@ -1,17 +1,10 @@
 from __future__ import annotations
 
-from .base import gauge, result_of
+from .base import SnapshotCollector, gauge, result_of
 
 
-class TcpCollector:
-    def __init__(self, get_snapshot):
-        self.get_snapshot = get_snapshot
-
-    def describe(self):
-        return [f.metric for f in self._families()]
-
-    @staticmethod
-    def _families():
+class TcpCollector(SnapshotCollector):
+    def families(self):
         return (
             gauge("tcp_connections", "TCP sockets by state, as netstat -ant counts them "
                   "(SYN_RECV includes request sockets).", ("state", "family")),
@@ -42,7 +35,7 @@ class TcpCollector:
         if tcp is None:
             return
         (connections, peak, queues, listeners, queue_len, backlog, remote,
-         local_port) = self._families()
+         local_port) = self.families()
         for (state, family), count in tcp.connections.items():
             connections.add((state, family), count)
         for state, count in snapshot.peaks.items():

@@ -1,17 +1,10 @@
 from __future__ import annotations
 
-from .base import gauge, result_of
+from .base import SnapshotCollector, gauge, result_of
 
 
-class UdpCollector:
-    def __init__(self, get_snapshot):
-        self.get_snapshot = get_snapshot
-
-    def describe(self):
-        return [f.metric for f in self._families()]
-
-    @staticmethod
-    def _families():
+class UdpCollector(SnapshotCollector):
+    def families(self):
         return (
             gauge("udp_sockets", "UDP sockets, connected (connect() was called) or not.",
                   ("family", "state")),
@@ -23,7 +16,7 @@ class UdpCollector:
         _snapshot, udp = result_of(self.get_snapshot, "udp")
         if udp is None:
             return
-        sockets, queues = self._families()
+        sockets, queues = self.families()
         for labels, count in udp.sockets.items():
             sockets.add(labels, count)
         for labels, size in udp.queue_bytes.items():
