@@ -66,6 +66,7 @@ class TcpSummary:
     listeners_total: int  # distinct address:port pairs before the cap
     scanned: int  # sockets decoded
     remote: "RemoteSummary | None" = None  # per remote address and local port, when asked
+    programs: "ProgramSummary | None" = None  # per owning program, when asked
 
     def state_totals(self) -> dict[str, int]:
         totals = dict.fromkeys(NETSTAT_STATES.values(), 0)
@@ -85,11 +86,14 @@ class TcpAccumulator:
     """Per state and family counts, queue sums and listeners over any number of batches."""
 
     def __init__(self, listen_limit: int = 100, backlog_known: bool = True,
-                 remote: "RemoteOptions | None" = None, previous: "TcpSummary | None" = None):
+                 remote: "RemoteOptions | None" = None, previous: "TcpSummary | None" = None,
+                 owners=None, program_top: int = 20):
         self.listen_limit = listen_limit
         self.backlog_known = backlog_known
         self._remote = RemoteAccumulator(remote) if remote is not None else None
         self._previous = previous.remote if previous is not None else None
+        self._programs = ProgramAccumulator(owners, program_top) if owners is not None else None
+        self._previous_programs = previous.programs if previous is not None else None
         self._counts = np.zeros((_STATE_SLOTS, 2), dtype=np.int64)
         self._queues = np.zeros((_STATE_SLOTS, 2), dtype=np.int64)
         self._listeners: dict[tuple[int, bytes, int], list[int]] = {}
@@ -106,6 +110,8 @@ class TcpAccumulator:
         self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
         if self._remote is not None:
             self._remote.add(table)
+        if self._programs is not None:
+            self._programs.add(table)
 
     def _add_listeners(self, table: SocketTable, rows: np.ndarray) -> None:
         # Listeners are few: a Python loop over them is cheap and keeps exact integers.
@@ -147,7 +153,9 @@ class TcpAccumulator:
         return TcpSummary(connections=MappingProxyType(connections),
                           queue_bytes=MappingProxyType(queue_bytes), listeners=listeners,
                           listeners_total=len(self._listeners), scanned=self._sockets,
-                          remote=remote)
+                          remote=remote,
+                          programs=self._programs.result(self._previous_programs)
+                          if self._programs is not None else None)
 
 
 class UdpAccumulator:
@@ -520,3 +528,68 @@ def _apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listene
         truncated["netstat_tcp_listen_queue_length"] += 1
         truncated["netstat_tcp_listen_backlog"] += 1
     return truncated
+
+
+# ---------------------------------------------------------------------------------------
+# Per owning program (netstat -p).
+
+NO_PROGRAM = "none"  # no process holds the socket: TIME_WAIT, SYN_RECV requests, orphans
+UNKNOWN_PROGRAM = "unknown"  # a process holds it, but we could not see which
+
+
+@dataclass(frozen=True)
+class ProgramSummary:
+    # (state, program label) -> sockets. Per state: the top programs, OTHER, NO_PROGRAM and
+    # UNKNOWN_PROGRAM, summing exactly to that state's count.
+    connections: Mapping[tuple[str, str], int]
+    members: frozenset  # programs shown (input to the next sample's hysteresis)
+    processes: int
+    skipped: int
+
+
+def _program_label(name: str) -> str:
+    """A program called "other", "none" or "unknown" must not merge with those buckets."""
+    return f"{name} (program)" if name in (OTHER, NO_PROGRAM, UNKNOWN_PROGRAM) else name
+
+
+class ProgramAccumulator:
+    """Counts sockets per (state, owning program) with the owners map of processes.read()."""
+
+    def __init__(self, owners, top: int = 20):
+        self.owners = owners
+        self.top = top
+        # program slots, then NO_PROGRAM, then UNKNOWN_PROGRAM
+        self._slots = len(owners.programs) + 2
+        self._counts = np.zeros((_STATE_SLOTS, self._slots), dtype=np.int64)
+
+    def add(self, table: SocketTable) -> None:
+        inodes = table.inode.astype(np.uint64)
+        slot = np.full(len(inodes), self._slots - 1, dtype=np.intp)  # unknown unless found
+        known = self.owners.inodes
+        if len(known):
+            where = np.minimum(np.searchsorted(known, inodes), len(known) - 1)
+            found = known[where] == inodes
+            slot[found] = self.owners.program[where[found]]
+        slot[inodes == 0] = self._slots - 2
+        state = table.state.astype(np.intp)
+        self._counts += np.bincount(state * self._slots + slot, minlength=_STATE_SLOTS * self._slots
+                                    ).reshape(_STATE_SLOTS, self._slots)
+
+    def result(self, previous: "ProgramSummary | None" = None) -> ProgramSummary:
+        names = self.owners.programs
+        totals = {name: int(self._counts[:, i].sum()) for i, name in enumerate(names)}
+        shown = [name for name, _ in top_n(totals, self.top,
+                                            previous.members if previous else frozenset())]
+        index = {name: i for i, name in enumerate(names)}
+        connections = {}
+        for state, label in NETSTAT_STATES.items():
+            row = self._counts[state]
+            listed = 0
+            for name in shown:
+                connections[(label, _program_label(name))] = int(row[index[name]])
+                listed += int(row[index[name]])
+            connections[(label, NO_PROGRAM)] = int(row[-2])
+            connections[(label, UNKNOWN_PROGRAM)] = int(row[-1])
+            connections[(label, OTHER)] = int(row[:-2].sum()) - listed
+        return ProgramSummary(connections=MappingProxyType(connections), members=frozenset(shown),
+                              processes=self.owners.processes, skipped=self.owners.skipped)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("-s", "--statistics", action="store_true",
                         help="print the protocol statistics grouped like netstat -s (with "
                              "--watch, counters show their rate)")
+    parser.add_argument("-p", "--programs", action="store_true",
+                        help="print TCP sockets per owning program and state, like netstat -p "
+                             "(root, or CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, sees every process)")
     parser.add_argument("--top", metavar="N", type=int,
                         help="print the N remote addresses with most connections instead, "
                              "like ... | sort | uniq -c | sort -nr | head -n N")
@@ -90,7 +94,8 @@ def _sampler(cfg: config.Config, interval: float) -> Sampler:
                     "key, so masked addresses change when the exporter restarts")
     reader = SocketReader(cfg.socket_source, cfg.procfs)
     return Sampler(reader, interval=interval, listen_limit=cfg.listen_limit,
-                   peak_window=cfg.peak_window, remote=cfg.remote_options(os.urandom(16)))
+                   peak_window=cfg.peak_window, remote=cfg.remote_options(os.urandom(16)),
+                   programs=cfg.processes_top if cfg.processes else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +144,8 @@ def snapshot_main(argv: list[str]) -> int:
     if args.top is not None and args.top < 1:
         parser.error(f"--top: must be at least 1, got {args.top}")
     cfg = _build_config(args, parser)
+    if args.programs:
+        cfg = dataclasses.replace(cfg, processes=True, processes_top=1 << 30)
     if args.state and "LISTEN" in args.state:
         parser.error("--state: LISTEN sockets have no remote address")
     _setup_logging(cfg.log_level)
@@ -157,6 +164,8 @@ def snapshot_main(argv: list[str]) -> int:
             if args.statistics:
                 print(_render_statistics(snapshot, previous, args.json), flush=True)
                 previous = snapshot
+            elif args.programs:
+                print(_render_programs(snapshot, args.json), flush=True)
             elif args.top is not None or args.state:
                 print(_render_remotes(snapshot, args, sampler.remote.mask_key), flush=True)
             else:
@@ -197,6 +206,16 @@ def _render_remotes(snapshot, args, mask_key: bytes | None) -> str:
         return json.dumps([{"count": c, "remote": r} for c, r in rows])
     # `uniq -c` prints the count right-aligned in seven columns
     return "\n".join(f"{count:7d} {remote}" for count, remote in rows)
+
+
+def _render_programs(snapshot, as_json: bool) -> str:
+    """netstat -p, counted: "count program state", most first."""
+    counts = snapshot.results["tcp"].data.programs.connections
+    rows = sorted(((n, program, state) for (state, program), n in counts.items() if n),
+                  key=lambda r: (-r[0], r[1], r[2]))
+    if as_json:
+        return json.dumps([{"count": n, "program": p, "state": s} for n, p, s in rows])
+    return "\n".join(f"{n:7d} {program} {state}" for n, program, state in rows)
 
 
 def _render_statistics(snapshot, previous, as_json: bool) -> str:

@@ -47,6 +47,8 @@ class Config:
     local_port_top: int = 50
     series_limit: int = 2000
     snmp_fields: re.Pattern | None = None
+    processes: bool = False
+    processes_top: int = 20
 
     def remote_options(self, fallback_key: bytes = b"") -> RemoteOptions:
         """fallback_key hashes addresses when --remote.mask is on but no key was configured
@@ -193,13 +195,18 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                          "listening ports with their own series (default 50)"),
     "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT),
                        "hard cap on remote, local-port and listener series together (default 2000)"),
+    "--collector.processes": ("processes", _boolean,
+                              "attribute sockets to programs like netstat -p (walks /proc/PID/fd; "
+                              "needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH for other users)"),
+    "--collector.processes.top": ("processes_top", _count(0),
+                                  "programs with their own series (default 20)"),
     "--collector.snmp.fields": ("snmp_fields", _regex,
                                 "regex over Group_Field (e.g. 'Tcp_.*|TcpExt_Listen.*'): the "
                                 "netstat -s fields to export (default: all)"),
 }
 
 # Flags that take no value on the command line.
-SWITCHES = ("--remote.mask",)
+SWITCHES = ("--remote.mask", "--collector.processes")
 
 
 def env_name(flag: str) -> str:

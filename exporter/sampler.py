@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from . import aggregate
-from .sources import conntrack, interfaces, proc_sockets, snmp, sockdiag, sockstat
+from .sources import conntrack, interfaces, proc_sockets, processes, snmp, sockdiag, sockstat
 from .sources.table import NETSTAT_STATES, SocketTable
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,11 @@ class SocketReader:
 
 def read_tcp(reader: SocketReader, listen_limit: int,
              remote: aggregate.RemoteOptions | None = None,
-             previous: aggregate.TcpSummary | None = None) -> aggregate.TcpSummary:
+             previous: aggregate.TcpSummary | None = None, owners=None,
+             program_top: int = 20) -> aggregate.TcpSummary:
     return _read(reader, "tcp", lambda: aggregate.TcpAccumulator(
         listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink",
-        remote=remote, previous=previous))
+        remote=remote, previous=previous, owners=owners, program_top=program_top))
 
 
 def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
@@ -148,12 +149,14 @@ def _read(reader: SocketReader, protocol: str, new_accumulator):
 class Sampler:
     def __init__(self, reader: SocketReader, interval: float = 5.0, listen_limit: int = 100,
                  peak_window: float = 60.0, remote: aggregate.RemoteOptions | None = None,
+                 programs: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         self.reader = reader
         self.interval = interval
         self.listen_limit = listen_limit
         self.remote = remote
+        self.programs = programs  # top-N programs with their own series; None: -p off
         self._truncated_total = dict.fromkeys(aggregate.SERIES_LIMITED, 0) if remote else {}
         self.peak_window = peak_window
         self._clock = clock
@@ -181,7 +184,10 @@ class Sampler:
     def _read_tcp(self) -> aggregate.TcpSummary:
         last = self._snapshot.results.get("tcp") if self._snapshot else None
         previous = last.data if last is not None and last.ok else None
-        summary = read_tcp(self.reader, self.listen_limit, self.remote, previous)
+        # netstat -p: who owns each socket, read just before the dump so both agree closely
+        owners = processes.read(self.reader.procfs) if self.programs is not None else None
+        summary = read_tcp(self.reader, self.listen_limit, self.remote, previous, owners,
+                           self.programs or 0)
         if summary.remote is not None:
             for metric, cut in summary.remote.truncated.items():
                 self._truncated_total[metric] += cut

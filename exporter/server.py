@@ -77,6 +77,9 @@ class _QuietHandler(WSGIRequestHandler):
 class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 overflows under a handful of concurrent scrapers
+    # (the kernel then drops their handshakes and they wait 1-3 s to retry).
+    request_queue_size = 128
 
 
 class _DualStackWSGIServer(_ThreadingWSGIServer):

@@ -104,6 +104,11 @@ def overview_panels():
               [(f'topk(15, sum by (port) (netstat_tcp_local_port_connections{{port!="other",{SEL}}}))',
                 ":{{port}}", True)], "short", w=8, h=10,
               options={"orientation": "horizontal", "displayMode": "gradient"}),
+        panel("bargauge", "Sockets per program (netstat -p)",
+              [(f'topk(15, sum by (program, state) (netstat_process_connections{{program!~"other|none",state!="LISTEN",{SEL}}}))',
+                "{{program}} {{state}}", True)], "short", w=24, h=8,
+              description="Needs --collector.processes. program=\"unknown\": a process we may not look into.",
+              options={"orientation": "horizontal", "displayMode": "gradient"}),
         row("Listeners"),
         thresholds(panel("bargauge", "Accept queue fill",
                          [(f"max by (address, port) (netstat_tcp_listen_queue_length{{{SEL}}} "

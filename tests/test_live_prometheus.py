@@ -54,7 +54,8 @@ def stack(tmp_path_factory):
         log = open(tmp / "logs.txt", "w")
         procs.append(subprocess.Popen(
             ["ip", "netns", "exec", a.name, sys.executable, "-m", "exporter",
-             "--web.listen-address=127.0.0.1:10101", "--sample.interval=1"],
+             "--web.listen-address=127.0.0.1:10101", "--sample.interval=1",
+             "--collector.processes"],
             stdout=log, stderr=log))
         procs.append(subprocess.Popen(
             ["ip", "netns", "exec", a.name, "prometheus", f"--config.file={config}",

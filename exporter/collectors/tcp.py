@@ -25,6 +25,11 @@ class TcpCollector(SnapshotCollector):
                   "--remote.prefix-*) and state: the top --remote.top per state, the rest in "
                   "remote=\"other\", filtered ones in remote=\"excluded\"; summing over "
                   "remote gives netstat_tcp_connections for the state.", ("remote", "state")),
+            gauge("process_connections", "TCP sockets per owning program (netstat -p) and "
+                  "state: the top --collector.processes.top programs, the rest in "
+                  "program=\"other\"; program=\"none\" for sockets no process holds (TIME_WAIT, "
+                  "SYN_RECV, orphans), \"unknown\" for processes we could not look into.",
+                  ("program", "state")),
             gauge("tcp_local_port_connections", "Server-side TCP sockets (local port is a "
                   "listening port) per port and state: the top --local-port.top ports, the "
                   "rest in port=\"other\".", ("port", "state")),
@@ -34,7 +39,7 @@ class TcpCollector(SnapshotCollector):
         snapshot, tcp = result_of(self.get_snapshot, "tcp")
         if tcp is None:
             return
-        (connections, peak, queues, listeners, queue_len, backlog, remote,
+        (connections, peak, queues, listeners, queue_len, backlog, remote, programs,
          local_port) = self.families()
         for (state, family), count in tcp.connections.items():
             connections.add((state, family), count)
@@ -54,5 +59,9 @@ class TcpCollector(SnapshotCollector):
             for (state, port), count in tcp.remote.local_port.items():
                 local_port.add((port, state), count)
             families += [remote, local_port]
+        if tcp.programs is not None:
+            for (state, program), count in tcp.programs.connections.items():
+                programs.add((program, state), count)
+            families.append(programs)
         for family in families:
             yield family.metric
