@@ -5,6 +5,8 @@
     python -m bench.measure remote REPS -> JSON {base: [s...], remote: [s...]}: the sample
                                            without and with per-remote/per-port counts
     python -m bench.measure remote-rss REPS -> JSON {rss_kb: ...} with per-remote counts
+    python -m bench.measure programs REPS -> JSON {base: [s...], programs: [s...]}: without
+                                           and with netstat -p attribution
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def main() -> None:
     mode, reps = sys.argv[1], int(sys.argv[2])
     if mode in ("remote", "remote-rss"):
         return remote(mode, reps)
+    if mode == "programs":
+        return programs(reps)
     sampler = Sampler(SocketReader("netlink"), listen_limit=100)
     registry = build_registry(lambda: sampler.snapshot, "bench")
 
@@ -106,6 +110,26 @@ def remote(mode: str, reps: int) -> None:
     counts = full.snapshot.results["tcp"].data.remote.counts
     print(json.dumps({"base": base, "remote": extended, "distinct_remotes": len(counts.v4_addr)
                       + len(counts.v6_addr), "sockets": full.snapshot.results["tcp"].data.scanned}))
+
+
+def programs(reps: int) -> None:
+    """The default sample against the same sample with netstat -p attribution, alternating."""
+    plain = Sampler(SocketReader("netlink"), remote=RemoteOptions())
+    owned = Sampler(SocketReader("netlink"), remote=RemoteOptions(), programs=20)
+    plain.sample_once()
+    owned.sample_once()
+    base, extended = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        plain.sample_once()
+        t1 = time.perf_counter()
+        owned.sample_once()
+        t2 = time.perf_counter()
+        base.append(t1 - t0)
+        extended.append(t2 - t1)
+    data = owned.snapshot.results["tcp"].data
+    print(json.dumps({"base": base, "programs": extended, "sockets": data.scanned,
+                      "processes": data.programs.processes}))
 
 
 if __name__ == "__main__":
