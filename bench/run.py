@@ -85,6 +85,7 @@ def measure(ns, reps):
     node, node_rss = node_exporter(ns, reps) if os.path.exists(NODE_EXPORTER) else ([float("nan")], float("nan"))
     med = statistics.median
     return {"sockets": timing["sockets"], "floor": med(timing["floor"]), "sample": med(timing["sample"]),
+            "default": med(timing["default"]),
             "ss": med(ss), "netstat": med(netstat), "node": med(node), "rss_mb": rss,
             "node_rss_mb": node_rss}
 
@@ -111,11 +112,12 @@ def main():
     finally:
         farm.close()
         sh("ip", "netns", "del", ns)
-    print("| sockets | floor (netlink, no decode) | exporter sample + render | ratio | ss -tan \\| awk | ratio | netstat -ant \\| awk | ratio | node_exporter tcpstat | ratio | exporter peak RSS | node_exporter peak RSS |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| sockets | floor (netlink, no decode) | exporter sample + render | ratio | all default collectors + render | ratio | ss -tan \\| awk | ratio | netstat -ant \\| awk | ratio | node_exporter tcpstat | ratio | exporter peak RSS | node_exporter peak RSS |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         f = r["floor"]
         print(f"| {r['sockets']:,} | {f * 1e3:.1f} ms | {r['sample'] * 1e3:.1f} ms | {r['sample'] / f:.2f} | "
+              f"{r['default'] * 1e3:.1f} ms | {r['default'] / f:.2f} | "
               f"{r['ss'] * 1e3:.0f} ms | {r['ss'] / f:.2f} | {r['netstat'] * 1e3:.0f} ms | {r['netstat'] / f:.2f} | "
               f"{r['node'] * 1e3:.0f} ms | {r['node'] / f:.2f} | {r['rss_mb']:.0f} MB | {r['node_rss_mb']:.0f} MB |")
 

@@ -48,6 +48,7 @@ NLMSGERR_ERRNO = struct.Struct("=i")
 _W_PORTS, _W_SRC, _W_DST = 5, 6, 10
 _W_RQUEUE, _W_WQUEUE, _W_UID, _W_INODE = 18, 19, 20, 21
 _MIN_MSG_LEN = NLMSGHDR.size + INET_DIAG_MSG.size  # 88
+_LITTLE = np.little_endian
 
 # The kernel never puts more than 32 KiB in one datagram (netlink_dump caps its skb), so a
 # receive with at least this much room never truncates.
@@ -114,7 +115,9 @@ def dump(protocol: int, family: int = socket.AF_UNSPEC, states: int = ALL_STATES
         view = memoryview(buf)
         pos = 0
         while True:
-            n = sock.recv_into(view[pos:], _DATAGRAM_ROOM)
+            n, _ancdata, flags, _addr = sock.recvmsg_into([view[pos:pos + _DATAGRAM_ROOM]])
+            if flags & socket.MSG_TRUNC:  # never expected (see _DATAGRAM_ROOM); never silent
+                raise DumpError(errno.EMSGSIZE, "netlink datagram larger than the receive buffer")
             done = _check_datagram(view[pos:pos + n], seq)
             pos += n
             if done or len(buf) - pos < _DATAGRAM_ROOM:
@@ -211,15 +214,18 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
     if len(b) and int(words[b].min()) < _MIN_MSG_LEN:
         raise DumpError(errno.EPROTO, "inet_diag message shorter than inet_diag_msg")
     o = 4 * b
-    ports = octets[(o + 4 * _W_PORTS)[:, None] + np.arange(4)].astype(np.uint16)
+    # sport and dport are big-endian halves of one word: read it whole, as big-endian.
+    ports = words[b + _W_PORTS]
+    if _LITTLE:
+        ports = ports.byteswap()
     addr_cols = np.arange(4)
     return SocketTable(
         family=octets[o + 16],
         state=octets[o + 17],
         local_addr=words[(b + _W_SRC)[:, None] + addr_cols],
-        local_port=(ports[:, 0] << 8) | ports[:, 1],
+        local_port=(ports >> 16).astype(np.uint16),
         remote_addr=words[(b + _W_DST)[:, None] + addr_cols],
-        remote_port=(ports[:, 2] << 8) | ports[:, 3],
+        remote_port=(ports & 0xFFFF).astype(np.uint16),
         recv_q=words[b + _W_RQUEUE],
         send_q=words[b + _W_WQUEUE],
         uid=words[b + _W_UID],
