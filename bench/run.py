@@ -23,7 +23,7 @@ from bench.sockets import SocketFarm
 from exporter.sources import netns
 
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
-NODE_PORT = 19100
+NODE_PORT = 9100  # below the ephemeral range the benchmark sets (10000-65535)
 
 
 def sh(*args):

@@ -78,6 +78,7 @@ class SocketReader:
         self._per_family_tcp = False
         self.sources = {name: ("proc" if mode == "proc" else "netlink") for name in PROTOCOLS}
         self.missing: set[str] = set()  # /proc files found absent where that is expected
+        self._buffer = bytearray(sockdiag.BATCH_BYTES)  # reused by every dump (one thread)
 
     def tables(self, protocol: str) -> Iterator[SocketTable]:
         if self.sources[protocol] == "proc":
@@ -93,7 +94,7 @@ class SocketReader:
         proto = PROTOCOLS[protocol]
         if protocol == "tcp" and not self._per_family_tcp:
             try:
-                yield from self._dump(proto, socket.AF_UNSPEC)
+                yield from self._dump(proto, socket.AF_UNSPEC, buffer=self._buffer)
                 return
             except OSError as exc:
                 if exc.errno not in _NO_COMPAT or isinstance(exc, sockdiag.DumpError):
@@ -101,7 +102,7 @@ class SocketReader:
                 log.info("TCPDIAG_GETSOCK refused (%s); dumping TCP per address family", exc)
                 self._per_family_tcp = True
         for family in (socket.AF_INET, socket.AF_INET6):
-            yield from self._dump(proto, family)
+            yield from self._dump(proto, family, buffer=self._buffer)
 
     def fall_back(self, protocol: str, exc: OSError) -> bool:
         """After a netlink failure: switch to /proc if allowed. True when the caller should
@@ -170,6 +171,7 @@ class Sampler:
             "conntrack": lambda: self._optional(conntrack.read),
         }
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
+        self._errors: dict[str, str] = {}  # source -> its current error, while failing
         self._effective_interval = interval
         self._snapshot: Snapshot | None = None
         self._stop = threading.Event()
@@ -206,10 +208,15 @@ class Sampler:
             try:
                 data = read()
             except Exception as exc:  # one failing source must never stop the others
-                log.error("collector %s failed: %s", name, exc,
-                          exc_info=not isinstance(exc, (OSError, ValueError)))
+                # Log when a source starts failing or fails differently, not every sample.
+                if self._errors.get(name) != str(exc):
+                    log.error("collector %s failed: %s", name, exc,
+                              exc_info=not isinstance(exc, (OSError, ValueError)))
+                self._errors[name] = str(exc)
                 results[name] = SourceResult(False, self._clock() - t0, error=str(exc))
             else:
+                if self._errors.pop(name, None) is not None:
+                    log.info("collector %s works again", name)
                 results[name] = SourceResult(True, self._clock() - t0, data=data)
         finished = self._clock()
         self._stretch(finished - started)

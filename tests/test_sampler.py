@@ -89,7 +89,7 @@ def test_interrupted_dump_is_retried_from_scratch():
                                     "remote_port": [0], "recv_q": [0], "send_q": [5],
                                     "inode": [1], "uid": [0]})
 
-    def flaky(protocol, family=socket.AF_UNSPEC):
+    def flaky(protocol, family=socket.AF_UNSPEC, buffer=None):
         calls.append(family)
         yield one
         if len(calls) == 1:
@@ -176,3 +176,20 @@ def test_loop_publishes_new_snapshots_and_stops():
     sampler.stop(2)
     assert seen.is_set()
     assert not sampler._thread.is_alive()
+
+
+def test_a_failing_source_is_logged_once_and_its_recovery_too(tmp_path, caplog):
+    net = tmp_path / "net"
+    net.mkdir()
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        (net / name).write_text((FIXTURES / "net" / name).read_text())
+    sampler = Sampler(SocketReader("proc", procfs=str(tmp_path)))
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            assert not sampler.sample_once().results["snmp"].ok  # no snmp files here
+        (net / "snmp").write_text("Tcp: ActiveOpens\nTcp: 1\n")
+        (net / "netstat").write_text("")
+        assert sampler.sample_once().results["snmp"].ok
+    messages = [r.getMessage() for r in caplog.records if "snmp" in r.getMessage()]
+    assert len([m for m in messages if "failed" in m]) == 1
+    assert messages[-1] == "collector snmp works again"
