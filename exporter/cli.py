@@ -16,6 +16,7 @@ from .collectors import build_registry
 from .collectors.snmp import GAUGES
 from .aggregate import REMOTE_STATES
 from .sampler import Sampler, SocketReader
+from .sources import routes
 from .sources.table import STATE_BY_NAME
 from .server import make_app, run_in_thread, serve
 
@@ -60,6 +61,12 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("-s", "--statistics", action="store_true",
                         help="print the protocol statistics grouped like netstat -s (with "
                              "--watch, counters show their rate)")
+    parser.add_argument("-r", "--route", action="store_true",
+                        help="print the routing tables, like netstat -rn")
+    parser.add_argument("-g", "--groups", action="store_true",
+                        help="print multicast group memberships, like netstat -gn")
+    parser.add_argument("-i", "--interfaces", action="store_true",
+                        help="print interface counters, like netstat -i")
     parser.add_argument("-p", "--programs", action="store_true",
                         help="print TCP sockets per owning program and state, like netstat -p "
                              "(root, or CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, sees every process)")
@@ -154,7 +161,8 @@ def snapshot_main(argv: list[str]) -> int:
     try:
         while True:
             snapshot = sampler.sample_once()
-            needed = "snmp" if args.statistics else "tcp"
+            needed = ("snmp" if args.statistics else "routes" if args.route else "multicast"
+                      if args.groups else "interfaces" if args.interfaces else "tcp")
             result = snapshot.results[needed]
             if not result.ok:
                 print(f"netstat-exporter: error: reading {needed}: {result.error}", file=sys.stderr)
@@ -164,6 +172,8 @@ def snapshot_main(argv: list[str]) -> int:
             if args.statistics:
                 print(_render_statistics(snapshot, previous, args.json), flush=True)
                 previous = snapshot
+            elif args.route or args.groups or args.interfaces:
+                print(TABLES[needed](result.data, args.json), flush=True)
             elif args.programs:
                 print(_render_programs(snapshot, args.json), flush=True)
             elif args.top is not None or args.state:
@@ -216,6 +226,49 @@ def _render_programs(snapshot, as_json: bool) -> str:
     if as_json:
         return json.dumps([{"count": n, "program": p, "state": s} for n, p, s in rows])
     return "\n".join(f"{n:7d} {program} {state}" for n, program, state in rows)
+
+
+def _route_flags(route) -> str:
+    return "".join(letter for bit, letter in ((routes.RTF_UP, "U"), (routes.RTF_GATEWAY, "G"),
+                                              (routes.RTF_HOST, "H"), (routes.RTF_REJECT, "!"))
+                   if route.flags & bit)
+
+
+def _render_routes(table, as_json: bool) -> str:
+    rows = [(f"{r.destination}/{r.prefix}", r.gateway, _route_flags(r), r.metric, r.device)
+            for r in table]
+    if as_json:
+        return json.dumps([dict(zip(("destination", "gateway", "flags", "metric", "iface"), row))
+                           for row in rows])
+    lines = [f"{'Destination':<32} {'Gateway':<26} {'Flags':<5} {'Metric':>10} Iface"]
+    lines += [f"{d:<32} {g:<26} {f:<5} {m:>10} {i}" for d, g, f, m, i in rows]
+    return "\n".join(lines)
+
+
+def _render_groups(table, as_json: bool) -> str:
+    if as_json:
+        return json.dumps([{"interface": m.device, "refcnt": m.users, "group": m.group}
+                           for m in table])
+    lines = [f"{'Interface':<15} {'RefCnt':>6} Group"]
+    lines += [f"{m.device:<15} {m.users:>6} {m.group}" for m in table]
+    return "\n".join(lines)
+
+
+def _render_interfaces(table, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(table)
+    columns = (("RX-OK", "receive_packets"), ("RX-ERR", "receive_errors"),
+               ("RX-DRP", "receive_drops"), ("RX-OVR", "receive_fifo_errors"),
+               ("TX-OK", "transmit_packets"), ("TX-ERR", "transmit_errors"),
+               ("TX-DRP", "transmit_drops"), ("TX-OVR", "transmit_fifo_errors"))
+    lines = [f"{'Iface':<15}" + "".join(f" {title:>10}" for title, _ in columns)]
+    for device, counters in sorted(table.items()):
+        lines.append(f"{device:<15}" + "".join(f" {counters[key]:>10}" for _, key in columns))
+    return "\n".join(lines)
+
+
+TABLES = {"routes": _render_routes, "multicast": _render_groups,
+          "interfaces": _render_interfaces}
 
 
 def _render_statistics(snapshot, previous, as_json: bool) -> str:

@@ -19,7 +19,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from . import aggregate
-from .sources import conntrack, interfaces, proc_sockets, processes, snmp, sockdiag, sockstat
+from .sources import (conntrack, interfaces, multicast, proc_sockets, processes, routes, snmp,
+                      sockdiag, sockstat)
 from .sources.table import NETSTAT_STATES, SocketTable
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ class Sampler:
             "sockstat": lambda: self._optional(sockstat.read),
             "interfaces": lambda: self._optional(interfaces.read),
             "conntrack": lambda: self._optional(conntrack.read),
+            "routes": lambda: self._optional(routes.read),
+            "multicast": lambda: self._optional(multicast.read),
         }
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self._errors: dict[str, str] = {}  # source -> its current error, while failing

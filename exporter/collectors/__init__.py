@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from .exporter import ExporterCollector
-from .network import ConntrackCollector, InterfacesCollector
+from .network import (ConntrackCollector, InterfacesCollector, MulticastCollector,
+                      RoutesCollector)
 from .snmp import SnmpCollector, SockstatCollector
 from .tcp import TcpCollector
 from .udp import UdpCollector
@@ -17,6 +18,7 @@ def build_registry(get_snapshot, version: str, snmp_fields=None) -> CollectorReg
     for collector in (TcpCollector(get_snapshot), UdpCollector(get_snapshot),
                       SnmpCollector(get_snapshot, snmp_fields), SockstatCollector(get_snapshot),
                       InterfacesCollector(get_snapshot), ConntrackCollector(get_snapshot),
+                      RoutesCollector(get_snapshot), MulticastCollector(get_snapshot),
                       ExporterCollector(get_snapshot, version)):
         registry.register(collector)
     return registry

@@ -1,6 +1,8 @@
-"""Interfaces (/proc/net/dev) and the conntrack table: small groups, one collector each."""
+"""Interfaces (/proc/net/dev), the conntrack table, routes and multicast memberships: small
+groups, one collector each."""
 from __future__ import annotations
 
+from ..sources.table import FAMILY_NAMES
 from .base import SnapshotCollector, counter, gauge, result_of
 
 # Most devices with their own series: a host with thousands of veths still scrapes small.
@@ -40,3 +42,46 @@ class ConntrackCollector(SnapshotCollector):
         yield gauge("conntrack_entries_limit", "Size limit of the conntrack table "
                     "(nf_conntrack_max); new connections are dropped when it is full.").add(
                         (), table.limit).metric
+
+
+class RoutesCollector(SnapshotCollector):
+    """netstat -r: routes per device, and the default routes."""
+
+    def collect(self):
+        _snapshot, routes = result_of(self.get_snapshot, "routes")
+        if routes is None:
+            return
+        counts = gauge("routes", "Routes in the kernel's tables (IPv4 main table, all IPv6 "
+                       "tables) per device.", ("family", "device"))
+        defaults = gauge("route_default_info", "1 for each usable default route, labelled "
+                         "with its gateway.", ("family", "device", "gateway"))
+        per_device: dict[tuple[str, str], int] = {}
+        seen_defaults = set()
+        for route in routes:
+            key = (FAMILY_NAMES[route.family], route.device)
+            per_device[key] = per_device.get(key, 0) + 1
+            if route.is_default and (key, route.gateway) not in seen_defaults:
+                seen_defaults.add((key, route.gateway))
+                defaults.add((*key, route.gateway), 1)
+        for key in sorted(per_device)[:INTERFACE_LIMIT]:
+            counts.add(key, per_device[key])
+        yield counts.metric
+        yield defaults.metric
+
+
+class MulticastCollector(SnapshotCollector):
+    """netstat -g: multicast groups joined per device."""
+
+    def collect(self):
+        _snapshot, memberships = result_of(self.get_snapshot, "multicast")
+        if memberships is None:
+            return
+        family = gauge("multicast_memberships", "Multicast groups joined, per device "
+                       "(/proc/net/igmp, igmp6).", ("family", "device"))
+        per_device: dict[tuple[str, str], int] = {}
+        for m in memberships:
+            key = (FAMILY_NAMES[m.family], m.device)
+            per_device[key] = per_device.get(key, 0) + 1
+        for key in sorted(per_device)[:INTERFACE_LIMIT]:
+            family.add(key, per_device[key])
+        yield family.metric
