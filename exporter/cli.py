@@ -61,6 +61,11 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("-s", "--statistics", action="store_true",
                         help="print the protocol statistics grouped like netstat -s (with "
                              "--watch, counters show their rate)")
+    parser.add_argument("-l", "--listening", action="store_true",
+                        help="print listening TCP sockets with their accept queues, like "
+                             "netstat -tln (Recv-Q: waiting connections, Send-Q: backlog)")
+    parser.add_argument("-u", "--udp", action="store_true",
+                        help="print UDP socket counts and queued bytes per family")
     parser.add_argument("-r", "--route", action="store_true",
                         help="print the routing tables, like netstat -rn")
     parser.add_argument("-g", "--groups", action="store_true",
@@ -172,6 +177,10 @@ def snapshot_main(argv: list[str]) -> int:
             if args.statistics:
                 print(_render_statistics(snapshot, previous, args.json), flush=True)
                 previous = snapshot
+            elif args.listening:
+                print(_render_listeners(snapshot.results["tcp"].data, args.json), flush=True)
+            elif args.udp:
+                print(_render_udp(snapshot, args.json), flush=True)
             elif args.route or args.groups or args.interfaces:
                 print(TABLES[needed](result.data, args.json), flush=True)
             elif args.programs:
@@ -226,6 +235,33 @@ def _render_programs(snapshot, as_json: bool) -> str:
     if as_json:
         return json.dumps([{"count": n, "program": p, "state": s} for n, p, s in rows])
     return "\n".join(f"{n:7d} {program} {state}" for n, program, state in rows)
+
+
+def _render_listeners(tcp, as_json: bool) -> str:
+    if as_json:
+        return json.dumps([vars(listener) for listener in tcp.listeners])
+    lines = [f"{'Recv-Q':>6} {'Send-Q':>6} Local Address"]
+    for lst in sorted(tcp.listeners, key=lambda l: (l.port, l.family, l.address)):
+        backlog = "-" if lst.backlog is None else lst.backlog
+        address = f"[{lst.address}]" if ":" in lst.address else lst.address
+        lines.append(f"{lst.queue_length:>6} {backlog:>6} {address}:{lst.port}")
+    if tcp.listeners_total > len(tcp.listeners):
+        lines.append(f"# {tcp.listeners_total - len(tcp.listeners)} more (--listen.limit)")
+    return "\n".join(lines)
+
+
+def _render_udp(snapshot, as_json: bool) -> str:
+    udp = snapshot.results["udp"]
+    if not udp.ok:
+        return f"# udp: {udp.error}"
+    if as_json:
+        return json.dumps({"sockets": _nest(udp.data.sockets), "queue_bytes": _nest(udp.data.queue_bytes)})
+    lines = []
+    for (family, state), count in udp.data.sockets.items():
+        lines.append(f"{family} {state} {count}")
+    for (family, queue), size in udp.data.queue_bytes.items():
+        lines.append(f"{family} {queue}_queue_bytes {size}")
+    return "\n".join(lines)
 
 
 def _route_flags(route) -> str:

@@ -50,3 +50,16 @@ def test_watch_repeats_until_interrupted(mix):
     blocks = [b for b in out.split("# ") if b]
     assert len(blocks) >= 3
     assert all("ESTABLISHED 15\n" in b for b in blocks)
+
+
+def test_listeners_and_udp(mix):
+    done = snapshot(mix.ns, "-l")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["Recv-Q", "Send-Q", "Local", "Address"]
+    assert lines[1:] == ["     0     64 127.0.0.1:5000", "     0     64 [::1]:5001",
+                         "     2      7 127.0.0.1:5002", "     0   1024 198.18.0.1:6000"]
+    proc = snapshot(mix.ns, "-l", "--collector.sockets.source=proc")
+    assert "     2      - 127.0.0.1:5002" in proc.stdout  # /proc cannot tell the backlog
+    done = snapshot(mix.ns, "-u")
+    assert done.returncode == 0 and "ipv4 unconnected 0\n" in done.stdout
