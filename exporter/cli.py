@@ -58,21 +58,23 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--watch", metavar="SECONDS", type=float,
                         help="print again every SECONDS, like netstat -c")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    parser.add_argument("-s", "--statistics", action="store_true",
+    # one view at a time, as with netstat's own -s / -r / -g / -i
+    views = parser.add_mutually_exclusive_group()
+    views.add_argument("-s", "--statistics", action="store_true",
                         help="print the protocol statistics grouped like netstat -s (with "
                              "--watch, counters show their rate)")
-    parser.add_argument("-l", "--listening", action="store_true",
+    views.add_argument("-l", "--listening", action="store_true",
                         help="print listening TCP sockets with their accept queues, like "
                              "netstat -tln (Recv-Q: waiting connections, Send-Q: backlog)")
-    parser.add_argument("-u", "--udp", action="store_true",
+    views.add_argument("-u", "--udp", action="store_true",
                         help="print UDP socket counts and queued bytes per family")
-    parser.add_argument("-r", "--route", action="store_true",
+    views.add_argument("-r", "--route", action="store_true",
                         help="print the routing tables, like netstat -rn")
-    parser.add_argument("-g", "--groups", action="store_true",
+    views.add_argument("-g", "--groups", action="store_true",
                         help="print multicast group memberships, like netstat -gn")
-    parser.add_argument("-i", "--interfaces", action="store_true",
+    views.add_argument("-i", "--interfaces", action="store_true",
                         help="print interface counters, like netstat -i")
-    parser.add_argument("-p", "--programs", action="store_true",
+    views.add_argument("-p", "--programs", action="store_true",
                         help="print TCP sockets per owning program and state, like netstat -p "
                              "(root, or CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, sees every process)")
     parser.add_argument("--top", metavar="N", type=int,
@@ -155,6 +157,11 @@ def snapshot_main(argv: list[str]) -> int:
         parser.error(f"--watch: must be a positive number of seconds, got {args.watch}")
     if args.top is not None and args.top < 1:
         parser.error(f"--top: must be at least 1, got {args.top}")
+    view = next((flag for flag, on in (("-s", args.statistics), ("-l", args.listening),
+                                        ("-u", args.udp), ("-r", args.route), ("-g", args.groups),
+                                        ("-i", args.interfaces), ("-p", args.programs)) if on), None)
+    if view and (args.top is not None or args.state):
+        parser.error(f"{view}: not allowed with --top or --state (those list remote addresses)")
     cfg = _build_config(args, parser)
     if args.programs:
         cfg = dataclasses.replace(cfg, processes=True, processes_top=1 << 30)

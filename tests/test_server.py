@@ -165,6 +165,9 @@ def test_port_in_use_is_one_clear_line():
     (["--listen.limit=-1"], "must be an integer >= 0"),
     (["snapshot", "--watch=-3"], "--watch: must be a positive number"),
     (["snapshot", "--watch=abc"], "invalid float value"),
+    (["snapshot", "-s", "-r"], "not allowed with argument"),
+    (["snapshot", "-p", "--top", "3"], "-p: not allowed with --top or --state"),
+    (["snapshot", "--state", "LISTEN"], "LISTEN sockets have no remote address"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, message):
     done = run_cli(*args)
