@@ -2,6 +2,8 @@
 groups, one collector each."""
 from __future__ import annotations
 
+import collections
+
 from ..sources.table import FAMILY_NAMES
 from .base import SnapshotCollector, counter, gauge, result_of
 
@@ -55,16 +57,11 @@ class RoutesCollector(SnapshotCollector):
                        "tables) per device.", ("family", "device"))
         defaults = gauge("route_default_info", "1 for each usable default route, labelled "
                          "with its gateway.", ("family", "device", "gateway"))
-        per_device: dict[tuple[str, str], int] = {}
-        seen_defaults = set()
-        for route in routes:
-            key = (FAMILY_NAMES[route.family], route.device)
-            per_device[key] = per_device.get(key, 0) + 1
-            if route.is_default and (key, route.gateway) not in seen_defaults:
-                seen_defaults.add((key, route.gateway))
-                defaults.add((*key, route.gateway), 1)
-        for key in sorted(per_device)[:INTERFACE_LIMIT]:
-            counts.add(key, per_device[key])
+        for key, count in _per_device(routes):
+            counts.add(key, count)
+        for labels in sorted({(FAMILY_NAMES[r.family], r.device, r.gateway)
+                              for r in routes if r.is_default}):
+            defaults.add(labels, 1)
         yield counts.metric
         yield defaults.metric
 
@@ -78,10 +75,12 @@ class MulticastCollector(SnapshotCollector):
             return
         family = gauge("multicast_memberships", "Multicast groups joined, per device "
                        "(/proc/net/igmp, igmp6).", ("family", "device"))
-        per_device: dict[tuple[str, str], int] = {}
-        for m in memberships:
-            key = (FAMILY_NAMES[m.family], m.device)
-            per_device[key] = per_device.get(key, 0) + 1
-        for key in sorted(per_device)[:INTERFACE_LIMIT]:
-            family.add(key, per_device[key])
+        for key, count in _per_device(memberships):
+            family.add(key, count)
         yield family.metric
+
+
+def _per_device(items) -> list[tuple[tuple[str, str], int]]:
+    """Count routes or memberships per (family, device), at most INTERFACE_LIMIT pairs."""
+    counts = collections.Counter((FAMILY_NAMES[item.family], item.device) for item in items)
+    return sorted(counts.items())[:INTERFACE_LIMIT]
