@@ -8,7 +8,7 @@ import socket
 import socketserver
 import threading
 import time
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
@@ -27,7 +27,10 @@ def make_app(registry, get_snapshot, telemetry_path: str = "/metrics", version: 
     def app(environ, start_response):
         path = environ.get("PATH_INFO", "/")
         method = environ.get("REQUEST_METHOD", "GET")
-        if method not in ("GET", "HEAD"):
+        if method == "HEAD":  # the GET answer's status and headers, without its body
+            app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+            return []
+        if method != "GET":
             return _reply(start_response, "405 Method Not Allowed", b"only GET and HEAD\n",
                           [("Allow", "GET, HEAD")])
         if path == telemetry_path:
@@ -69,7 +72,49 @@ def _landing_page(telemetry_path: str, version: str) -> str:
             f"</ul></body></html>\n")
 
 
+class _KeepAliveServerHandler(ServerHandler):
+    http_version = "1.1"
+
+
 class _QuietHandler(WSGIRequestHandler):
+    """HTTP/1.1 with keep-alive. wsgiref answers one request per connection and closes
+    first, which leaves a TIME_WAIT socket on the monitored host for every scrape; Prometheus
+    keeps its connections open when the server lets it."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # seconds an idle connection is kept (longer than usual scrape intervals)
+
+    def handle(self):
+        self.close_connection = True
+        self._handle_one()
+        while not self.close_connection:
+            self._handle_one()
+
+    def _handle_one(self):
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except TimeoutError:
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.send_error(414)
+            self.close_connection = True
+            return
+        if not self.parse_request():  # it has answered the error
+            return
+        if self.command != "GET":
+            # wsgiref sends a body even for HEAD; closing keeps the framing honest
+            self.close_connection = True
+        handler = _KeepAliveServerHandler(self.rfile, self.wfile, self.get_stderr(),
+                                          self.get_environ(), multithread=True)
+        handler.request_handler = self
+        handler.run(self.server.get_app())
+        if handler.headers and handler.headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+
     def log_message(self, format, *args):  # noqa: A002 - the base class's signature
         log.debug("%s - %s", self.address_string(), format % args)
 

@@ -102,6 +102,39 @@ def test_negotiation_landing_page_health_and_errors(running):
 
 
 @pytest.mark.netns
+def test_scrapes_reuse_one_connection(running):
+    """Keep-alive: a scraper that keeps its connection leaves no TIME_WAIT behind per scrape."""
+    import http.client
+    with running.ns.entered():
+        conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=5)
+        sockets = []
+        for path in ("/metrics", "/healthz", "/nope", "/metrics"):
+            conn.request("GET", path, headers={"Accept-Encoding": "gzip"})
+            response = conn.getresponse()
+            body = response.read()
+            assert response.version == 11 and response.getheader("Connection") != "close"
+            assert int(response.getheader("Content-Length")) == len(body)
+            sockets.append(conn.sock)
+        assert response.status == 200 and gzip.decompress(body).startswith(b"# HELP")
+        assert all(s is sockets[0] for s in sockets)  # one TCP connection for all four
+        conn.close()
+        for method in ("HEAD", "POST"):  # answered, then closed: no framing surprises
+            with socket.create_connection(("127.0.0.1", PORT), timeout=5) as raw:
+                raw.sendall(f"{method} /metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                received = b""
+                while chunk := raw.recv(4096):
+                    received += chunk
+            assert received.startswith(b"HTTP/1.1 " + (b"200" if method == "HEAD" else b"405"))
+        # a client that asks to close gets the whole answer and then EOF
+        with socket.create_connection(("127.0.0.1", PORT), timeout=5) as raw:
+            raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            received = b""
+            while chunk := raw.recv(4096):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200 OK") and received.endswith(b"\n")
+
+
+@pytest.mark.netns
 @pytest.mark.parametrize("running", [0.1], indirect=True)
 def test_concurrent_scrapes_all_succeed(running):
     failures, bodies = [], []
