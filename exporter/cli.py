@@ -15,7 +15,7 @@ from . import __version__, config
 from .collectors import build_registry
 from .collectors.snmp import GAUGES
 from .aggregate import REMOTE_STATES
-from .sampler import Sampler, SocketReader
+from .sampler import COLLECTORS, Sampler, SocketReader
 from .sources import routes
 from .sources.table import STATE_BY_NAME
 from .server import make_app, run_in_thread, serve
@@ -102,14 +102,15 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)s")
 
 
-def _sampler(cfg: config.Config, interval: float) -> Sampler:
+def _sampler(cfg: config.Config, interval: float, only: tuple[str, ...] | None = None) -> Sampler:
     if cfg.remote_mask and not cfg.remote_mask_key:
         log.warning("--remote.mask without NETSTAT_EXPORTER_REMOTE_MASK_KEY: using a random "
                     "key, so masked addresses change when the exporter restarts")
     reader = SocketReader(cfg.socket_source, cfg.procfs)
+    collectors = [name for name in (only or COLLECTORS) if name not in cfg.disabled]
     return Sampler(reader, interval=interval, listen_limit=cfg.listen_limit,
                    peak_window=cfg.peak_window, remote=cfg.remote_options(os.urandom(16)),
-                   programs=cfg.processes_top if cfg.processes else None)
+                   programs=cfg.processes_top if cfg.processes else None, collectors=collectors)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,13 +169,18 @@ def snapshot_main(argv: list[str]) -> int:
     if args.state and "LISTEN" in args.state:
         parser.error("--state: LISTEN sockets have no remote address")
     _setup_logging(cfg.log_level)
-    sampler = _sampler(cfg, args.watch or cfg.sample_interval)
+    needed = ("snmp" if args.statistics else "routes" if args.route else "multicast"
+              if args.groups else "interfaces" if args.interfaces else "udp" if args.udp
+              else "tcp")
+    # read only what this view prints (and UDP for the JSON of the default view)
+    only = (needed, "udp") if needed == "tcp" and args.json else (needed,)
+    if needed in cfg.disabled:
+        parser.error(f"the {needed} collector is disabled (--collector.disable)")
+    sampler = _sampler(cfg, args.watch or cfg.sample_interval, only)
     previous = None
     try:
         while True:
             snapshot = sampler.sample_once()
-            needed = ("snmp" if args.statistics else "routes" if args.route else "multicast"
-                      if args.groups else "interfaces" if args.interfaces else "tcp")
             result = snapshot.results[needed]
             if not result.ok:
                 print(f"netstat-exporter: error: reading {needed}: {result.error}", file=sys.stderr)
@@ -207,13 +213,13 @@ def _render(snapshot, as_json: bool) -> str:
     tcp = snapshot.results["tcp"].data
     totals = tcp.state_totals()
     if as_json:
-        udp = snapshot.results["udp"]
+        udp = snapshot.results.get("udp")
         document = {
             "taken_at": snapshot.taken_at,
             "tcp": {"states": totals,
                     "by_family": _nest(tcp.connections),
                     "listeners": [vars(lst) for lst in tcp.listeners]},
-            "udp": _nest(udp.data.sockets) if udp.ok else None,
+            "udp": _nest(udp.data.sockets) if udp is not None and udp.ok else None,
             "sources": dict(snapshot.socket_sources),
         }
         return json.dumps(document, sort_keys=True)

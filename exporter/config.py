@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from .aggregate import MIN_SERIES_LIMIT, RemoteOptions
-from .sampler import SOURCE_MODES
+from .sampler import COLLECTORS, SOURCE_MODES
 
 ENV_PREFIX = "NETSTAT_EXPORTER_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -48,6 +48,7 @@ class Config:
     series_limit: int = 2000
     snmp_fields: re.Pattern | None = None
     processes: bool = False
+    disabled: tuple = ()  # collectors switched off by --collector.disable
     processes_top: int = 20
 
     def remote_options(self, fallback_key: bytes = b"") -> RemoteOptions:
@@ -117,6 +118,15 @@ def _networks(text: str) -> tuple:
         except ValueError as exc:
             raise ValueError(f"{exc} (write networks as address/prefix, e.g. 10.0.0.0/8)") from None
     return tuple(networks)
+
+
+def _collectors(text: str) -> tuple:
+    """"routes, multicast" -> ("routes", "multicast"); names checked against COLLECTORS."""
+    names = tuple(filter(None, (part.strip() for part in text.split(","))))
+    unknown = [name for name in names if name not in COLLECTORS]
+    if unknown:
+        raise ValueError(f"unknown collector {unknown[0]!r} (known: {', '.join(COLLECTORS)})")
+    return names
 
 
 def _boolean(text: str) -> bool:
@@ -195,6 +205,8 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                          "listening ports with their own series (default 50)"),
     "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT),
                        "hard cap on remote, local-port and listener series together (default 2000)"),
+    "--collector.disable": ("disabled", _collectors,
+                            f"comma-separated collectors to switch off ({', '.join(COLLECTORS)})"),
     "--collector.processes": ("processes", _boolean,
                               "attribute sockets to programs like netstat -p (walks /proc/PID/fd; "
                               "needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH for other users)"),

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from . import aggregate
 from .sources import (conntrack, interfaces, multicast, proc_sockets, processes, routes, snmp,
@@ -26,6 +26,7 @@ from .sources.table import NETSTAT_STATES, SocketTable
 log = logging.getLogger(__name__)
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+COLLECTORS = ("tcp", "udp", "snmp", "sockstat", "interfaces", "conntrack", "routes", "multicast")
 SOURCE_MODES = ("auto", "netlink", "proc")
 # A TCPDIAG_GETSOCK refused with one of these means the kernel lacks the one-walk request;
 # ask per family instead.
@@ -151,7 +152,7 @@ def _read(reader: SocketReader, protocol: str, new_accumulator):
 class Sampler:
     def __init__(self, reader: SocketReader, interval: float = 5.0, listen_limit: int = 100,
                  peak_window: float = 60.0, remote: aggregate.RemoteOptions | None = None,
-                 programs: int | None = None,
+                 programs: int | None = None, collectors: Iterable[str] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         self.reader = reader
@@ -173,6 +174,11 @@ class Sampler:
             "routes": lambda: self._optional(routes.read),
             "multicast": lambda: self._optional(multicast.read),
         }
+        if collectors is not None:  # --collector.disable, or the one view the CLI prints
+            unknown = set(collectors) - set(self._sources)
+            if unknown:
+                raise ValueError(f"unknown collectors: {', '.join(sorted(unknown))}")
+            self._sources = {k: v for k, v in self._sources.items() if k in set(collectors)}
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self._errors: dict[str, str] = {}  # source -> its current error, while failing
         self._effective_interval = interval

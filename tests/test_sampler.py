@@ -193,3 +193,13 @@ def test_a_failing_source_is_logged_once_and_its_recovery_too(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records if "snmp" in r.getMessage()]
     assert len([m for m in messages if "failed" in m]) == 1
     assert messages[-1] == "collector snmp works again"
+
+
+def test_disabled_collectors_are_not_read_or_reported(tmp_path):
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), collectors=["tcp", "udp"])
+    snapshot = sampler.sample_once()
+    assert set(snapshot.results) == {"tcp", "udp"}
+    registry = build_registry(lambda: snapshot, "test")
+    assert registry.get_sample_value("netstat_exporter_collector_success", {"collector": "snmp"}) is None
+    with pytest.raises(ValueError, match="unknown collectors: nope"):
+        Sampler(SocketReader("proc"), collectors=["tcp", "nope"])

@@ -196,6 +196,7 @@ def test_port_in_use_is_one_clear_line():
     (["--collector.sockets.source=ebpf"], "must be one of auto, netlink, proc"),
     (["--web.telemetry-path=metrics"], "must start with /"),
     (["--listen.limit=-1"], "must be an integer >= 0"),
+    (["--collector.disable=tcp,bogus"], "unknown collector 'bogus'"),
     (["snapshot", "--watch=-3"], "--watch: must be a positive number"),
     (["snapshot", "--watch=abc"], "invalid float value"),
     (["snapshot", "-s", "-r"], "not allowed with argument"),
