@@ -593,3 +593,32 @@ class ProgramAccumulator:
             connections[(label, OTHER)] = int(row[:-2].sum()) - listed
         return ProgramSummary(connections=MappingProxyType(connections), members=frozenset(shown),
                               processes=self.owners.processes, skipped=self.owners.skipped)
+
+
+# ---------------------------------------------------------------------------------------
+# Per network namespace (containers, `ip netns`), bounded like the other outside-fed labels.
+
+@dataclass(frozen=True)
+class NetnsSummary:
+    # (namespace label, state) -> sockets; the top namespaces by sockets, the rest in OTHER
+    connections: Mapping[tuple[str, str], int]
+    members: frozenset
+    namespaces: int  # namespaces read
+    unreadable: int  # namespaces or processes we may not look into
+
+
+def summarize_namespaces(per_namespace: Mapping[str, Mapping[str, int]], top: int,
+                         unreadable: int = 0,
+                         previous: "NetnsSummary | None" = None) -> NetnsSummary:
+    """per_namespace: name -> state -> count (every state present)."""
+    totals = {name: sum(states.values()) for name, states in per_namespace.items()}
+    shown = [name for name, _ in top_n(totals, top, previous.members if previous else frozenset())]
+    connections = {}
+    for state in NETSTAT_STATES.values():
+        listed = 0
+        for name in shown:
+            connections[(name, state)] = per_namespace[name][state]
+            listed += per_namespace[name][state]
+        connections[(OTHER, state)] = sum(s[state] for s in per_namespace.values()) - listed
+    return NetnsSummary(connections=MappingProxyType(connections), members=frozenset(shown),
+                        namespaces=len(per_namespace), unreadable=unreadable)

@@ -110,7 +110,9 @@ def _sampler(cfg: config.Config, interval: float, only: tuple[str, ...] | None =
     collectors = [name for name in (only or COLLECTORS) if name not in cfg.disabled]
     return Sampler(reader, interval=interval, listen_limit=cfg.listen_limit,
                    peak_window=cfg.peak_window, remote=cfg.remote_options(os.urandom(16)),
-                   programs=cfg.processes_top if cfg.processes else None, collectors=collectors)
+                   programs=cfg.processes_top if cfg.processes else None,
+                   collectors=collectors + (["netns"] if cfg.netns and only is None else []),
+                   namespaces=cfg.netns_top if cfg.netns and only is None else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ class Config:
     series_limit: int = 2000
     snmp_fields: re.Pattern | None = None
     processes: bool = False
+    netns: bool = False
+    netns_top: int = 20
     disabled: tuple = ()  # collectors switched off by --collector.disable
     processes_top: int = 20
 
@@ -207,6 +209,11 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                        "hard cap on remote, local-port and listener series together (default 2000)"),
     "--collector.disable": ("disabled", _collectors,
                             f"comma-separated collectors to switch off ({', '.join(COLLECTORS)})"),
+    "--collector.netns": ("netns", _boolean,
+                          "count TCP states in every other network namespace (containers, "
+                          "ip netns); needs CAP_SYS_ADMIN and CAP_SYS_PTRACE"),
+    "--collector.netns.top": ("netns_top", _count(0),
+                              "namespaces with their own series (default 20)"),
     "--collector.processes": ("processes", _boolean,
                               "attribute sockets to programs like netstat -p (walks /proc/PID/fd; "
                               "needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH for other users)"),
@@ -218,7 +225,7 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
 }
 
 # Flags that take no value on the command line.
-SWITCHES = ("--remote.mask", "--collector.processes")
+SWITCHES = ("--remote.mask", "--collector.processes", "--collector.netns")
 
 
 def env_name(flag: str) -> str:

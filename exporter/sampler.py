@@ -19,8 +19,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from . import aggregate
-from .sources import (conntrack, interfaces, multicast, proc_sockets, processes, routes, snmp,
-                      sockdiag, sockstat)
+from .sources import (conntrack, interfaces, multicast, netns, proc_sockets, processes, routes,
+                      snmp, sockdiag, sockstat)
 from .sources.table import NETSTAT_STATES, SocketTable
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class SocketReader:
         self._per_family_tcp = False
         self.sources = {name: ("proc" if mode == "proc" else "netlink") for name in PROTOCOLS}
         self.missing: set[str] = set()  # /proc files found absent where that is expected
-        self._buffer = bytearray(sockdiag.BATCH_BYTES)  # reused by every dump (one thread)
+        self.buffer = bytearray(sockdiag.BATCH_BYTES)  # reused by every dump (one thread)
 
     def tables(self, protocol: str) -> Iterator[SocketTable]:
         if self.sources[protocol] == "proc":
@@ -96,7 +96,7 @@ class SocketReader:
         proto = PROTOCOLS[protocol]
         if protocol == "tcp" and not self._per_family_tcp:
             try:
-                yield from self._dump(proto, socket.AF_UNSPEC, buffer=self._buffer)
+                yield from self._dump(proto, socket.AF_UNSPEC, buffer=self.buffer)
                 return
             except OSError as exc:
                 if exc.errno not in _NO_COMPAT or isinstance(exc, sockdiag.DumpError):
@@ -104,7 +104,7 @@ class SocketReader:
                 log.info("TCPDIAG_GETSOCK refused (%s); dumping TCP per address family", exc)
                 self._per_family_tcp = True
         for family in (socket.AF_INET, socket.AF_INET6):
-            yield from self._dump(proto, family, buffer=self._buffer)
+            yield from self._dump(proto, family, buffer=self.buffer)
 
     def fall_back(self, protocol: str, exc: OSError) -> bool:
         """After a netlink failure: switch to /proc if allowed. True when the caller should
@@ -153,6 +153,7 @@ class Sampler:
     def __init__(self, reader: SocketReader, interval: float = 5.0, listen_limit: int = 100,
                  peak_window: float = 60.0, remote: aggregate.RemoteOptions | None = None,
                  programs: int | None = None, collectors: Iterable[str] | None = None,
+                 namespaces: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         self.reader = reader
@@ -160,6 +161,7 @@ class Sampler:
         self.listen_limit = listen_limit
         self.remote = remote
         self.programs = programs  # top-N programs with their own series; None: -p off
+        self.namespaces = namespaces  # top-N network namespaces; None: not read
         self._truncated_total = dict.fromkeys(aggregate.SERIES_LIMITED, 0) if remote else {}
         self.peak_window = peak_window
         self._clock = clock
@@ -174,6 +176,8 @@ class Sampler:
             "routes": lambda: self._optional(routes.read),
             "multicast": lambda: self._optional(multicast.read),
         }
+        if namespaces is not None:
+            self._sources["netns"] = self._read_namespaces
         if collectors is not None:  # --collector.disable, or the one view the CLI prints
             unknown = set(collectors) - set(self._sources)
             if unknown:
@@ -203,6 +207,24 @@ class Sampler:
             for metric, cut in summary.remote.truncated.items():
                 self._truncated_total[metric] += cut
         return summary
+
+    def _read_namespaces(self) -> aggregate.NetnsSummary:
+        """TCP states in every other network namespace, entered one after another by this
+        thread (setns needs CAP_SYS_ADMIN; a namespace we may not enter is counted)."""
+        found, unreadable = netns.discover(self.reader.procfs)
+        per_namespace = {}
+        for namespace in found:
+            try:
+                with netns.entered(namespace.path):
+                    summary = aggregate.summarize_tcp(
+                        sockdiag.dump(socket.IPPROTO_TCP, buffer=self.reader.buffer))
+            except (PermissionError, FileNotFoundError, ProcessLookupError):
+                unreadable += 1
+                continue
+            per_namespace[namespace.name] = summary.state_totals()
+        last = self._snapshot.results.get("netns") if self._snapshot else None
+        previous = last.data if last is not None and last.ok else None
+        return aggregate.summarize_namespaces(per_namespace, self.namespaces, unreadable, previous)
 
     @property
     def snapshot(self) -> Snapshot | None:

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry
 
 from .exporter import ExporterCollector
 from .network import (ConntrackCollector, InterfacesCollector, MulticastCollector,
-                      RoutesCollector)
+                      NetnsCollector, RoutesCollector)
 from .snmp import SnmpCollector, SockstatCollector
 from .tcp import TcpCollector
 from .udp import UdpCollector
@@ -19,6 +19,7 @@ def build_registry(get_snapshot, version: str, snmp_fields=None) -> CollectorReg
                       SnmpCollector(get_snapshot, snmp_fields), SockstatCollector(get_snapshot),
                       InterfacesCollector(get_snapshot), ConntrackCollector(get_snapshot),
                       RoutesCollector(get_snapshot), MulticastCollector(get_snapshot),
+                      NetnsCollector(get_snapshot),
                       ExporterCollector(get_snapshot, version)):
         registry.register(collector)
     return registry

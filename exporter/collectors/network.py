@@ -84,3 +84,23 @@ def _per_device(items) -> list[tuple[tuple[str, str], int]]:
     """Count routes or memberships per (family, device), at most INTERFACE_LIMIT pairs."""
     counts = collections.Counter((FAMILY_NAMES[item.family], item.device) for item in items)
     return sorted(counts.items())[:INTERFACE_LIMIT]
+
+
+class NetnsCollector(SnapshotCollector):
+    """TCP states per network namespace (with --collector.netns)."""
+
+    def collect(self):
+        _snapshot, summary = result_of(self.get_snapshot, "netns")
+        if summary is None:
+            return
+        connections = gauge("netns_tcp_connections", "TCP sockets per network namespace "
+                            "(other than the exporter's own) and state: the top "
+                            "--collector.netns.top namespaces, the rest in netns=\"other\".",
+                            ("netns", "state"))
+        for labels, count in summary.connections.items():
+            connections.add(labels, count)
+        yield connections.metric
+        yield gauge("netns_namespaces", "Network namespaces read, besides the exporter's own."
+                    ).add((), summary.namespaces).metric
+        yield gauge("netns_unreadable", "Namespaces or processes the exporter may not look "
+                    "into (needs CAP_SYS_ADMIN and CAP_SYS_PTRACE).").add((), summary.unreadable).metric

@@ -1,4 +1,4 @@
-"""Network namespaces: enter one (setns) for a block of code.
+"""Network namespaces: find them, and enter one (setns) for a block of code.
 
 setns(2) moves only the calling thread, and a socket stays in the namespace it was created
 in, so a thread can open sockets in several namespaces one after another.
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
+from dataclasses import dataclass
 from typing import Iterator
 
 CLONE_NEWNET = 0x40000000
@@ -37,3 +39,57 @@ def entered(path: str) -> Iterator[None]:
             setns(home)
     finally:
         os.close(home)
+
+
+# Where tools bind-mount named namespaces: iproute2 (`ip netns add`), and Docker.
+NAMED_DIRS = ("/run/netns", "/var/run/docker/netns")
+_SKIP = {errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM}
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str  # the bind-mount's name, or "pid:<lowest pid>:<comm>" for an unnamed one
+    path: str  # what to open for setns
+    inode: int
+
+
+def discover(procfs: str = "/proc", named_dirs=NAMED_DIRS) -> tuple[list[Namespace], int]:
+    """Every network namespace but our own: named ones first, then those only processes
+    hold. Returns (namespaces, processes we could not look into)."""
+    own = os.stat(os.path.join(procfs, "thread-self", "ns", "net")).st_ino
+    seen = {own}
+    found: list[Namespace] = []
+    for directory in named_dirs:
+        try:
+            names = sorted(os.listdir(directory))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                inode = os.stat(path).st_ino
+            except OSError as exc:
+                if exc.errno not in _SKIP:
+                    raise
+                continue
+            if inode not in seen:
+                seen.add(inode)
+                found.append(Namespace(name, path, inode))
+    skipped = 0
+    for pid in sorted(int(e.name) for e in os.scandir(procfs) if e.name.isdigit()):
+        path = os.path.join(procfs, str(pid), "ns", "net")
+        try:
+            inode = os.stat(path).st_ino
+            if inode in seen:
+                continue
+            with open(os.path.join(procfs, str(pid), "comm"), encoding="utf-8",
+                      errors="replace") as f:
+                comm = f.read().strip()
+        except OSError as exc:
+            if exc.errno not in _SKIP:
+                raise
+            skipped += 1
+            continue
+        seen.add(inode)
+        found.append(Namespace(f"pid:{pid}:{comm}", path, inode))
+    return found, skipped
