@@ -209,19 +209,34 @@ class Sampler:
         return summary
 
     def _read_namespaces(self) -> aggregate.NetnsSummary:
-        """TCP states in every other network namespace, entered one after another by this
-        thread (setns needs CAP_SYS_ADMIN; a namespace we may not enter is counted)."""
+        """TCP states in every other network namespace (setns needs CAP_SYS_ADMIN; a
+        namespace we may not enter is counted). The walk runs in a thread of its own: if
+        returning from a namespace ever failed, only that thread would be left in it, never
+        the sampler that reads the host's sockets."""
         found, unreadable = netns.discover(self.reader.procfs)
-        per_namespace = {}
-        for namespace in found:
+        per_namespace: dict[str, dict[str, int]] = {}
+        failure: list[BaseException] = []
+
+        def walk():
+            nonlocal unreadable
             try:
-                with netns.entered(namespace.path):
-                    summary = aggregate.summarize_tcp(
-                        sockdiag.dump(socket.IPPROTO_TCP, buffer=self.reader.buffer))
-            except (PermissionError, FileNotFoundError, ProcessLookupError):
-                unreadable += 1
-                continue
-            per_namespace[namespace.name] = summary.state_totals()
+                for namespace in found:
+                    try:
+                        with netns.entered(namespace.path):
+                            summary = aggregate.summarize_tcp(
+                                sockdiag.dump(socket.IPPROTO_TCP, buffer=self.reader.buffer))
+                    except (PermissionError, FileNotFoundError, ProcessLookupError):
+                        unreadable += 1
+                        continue
+                    per_namespace[namespace.name] = summary.state_totals()
+            except BaseException as exc:  # handed to the sampler thread below
+                failure.append(exc)
+
+        worker = threading.Thread(target=walk, name="netns-walk", daemon=True)
+        worker.start()
+        worker.join()
+        if failure:
+            raise failure[0]
         last = self._snapshot.results.get("netns") if self._snapshot else None
         previous = last.data if last is not None and last.ok else None
         return aggregate.summarize_namespaces(per_namespace, self.namespaces, unreadable, previous)
