@@ -61,7 +61,8 @@ def test_named_and_process_namespaces_are_counted_from_outside(netns_factory):
             client, accepted = connect_pair(server)
             client.shutdown(socket.SHUT_WR)  # CLOSE_WAIT on the accepted side
             keep += [client, accepted]
-        wait_for(lambda: b.ss_state_counts().get("CLOSE_WAIT") == 1, what="CLOSE_WAIT")
+        wait_for(lambda: b.ss_state_counts() == {"LISTEN": 1, "CLOSE_WAIT": 1, "FIN_WAIT2": 1},
+                 what="CLOSE_WAIT and FIN_WAIT2 to settle")
         sampler = Sampler(SocketReader("netlink"), collectors=["netns"], namespaces=1000)
         snapshot = sampler.sample_once()
         assert snapshot.results["netns"].ok, snapshot.results["netns"].error

@@ -101,7 +101,8 @@ def test_close_wait_is_attributed_to_the_leaking_program(netns):
         assert leaker.stdout.readline().strip() == "accepted"
         for client in clients:
             client.close()  # the leaker never closes its side: CLOSE_WAIT there
-        wait_for(lambda: netns.ss_state_counts().get("CLOSE_WAIT") == 3, what="CLOSE_WAIT")
+        wait_for(lambda: netns.ss_state_counts() == {"LISTEN": 1, "CLOSE_WAIT": 3, "FIN_WAIT2": 3},
+                 what="CLOSE_WAIT here and FIN_WAIT2 on the closed side")
         with netns.entered():
             sampler = Sampler(SocketReader("netlink"), programs=20)
             snapshot = sampler.sample_once()
