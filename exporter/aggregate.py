@@ -69,10 +69,15 @@ class TcpSummary:
     programs: "ProgramSummary | None" = None  # per owning program, when asked
 
     def state_totals(self) -> dict[str, int]:
-        totals = dict.fromkeys(NETSTAT_STATES.values(), 0)
-        for (state, _family), count in self.connections.items():
-            totals[state] += count
-        return totals
+        return _state_totals(self.connections)
+
+
+def _state_totals(connections: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """(state, family) -> count  =>  state -> count over both families."""
+    totals = dict.fromkeys(NETSTAT_STATES.values(), 0)
+    for (state, _family), count in connections.items():
+        totals[state] += count
+    return totals
 
 
 @dataclass(frozen=True)
@@ -138,10 +143,8 @@ class TcpAccumulator:
         remote = None
         shown = min(self.listen_limit, len(ordered))
         if self._remote is not None:
-            totals = dict.fromkeys(NETSTAT_STATES.values(), 0)
-            for (state, _family), count in connections.items():
-                totals[state] += count
-            remote = self._remote.result(totals, {key[2] for key in self._listeners},
+            remote = self._remote.result(_state_totals(connections),
+                                         {key[2] for key in self._listeners},
                                          self._previous, shown)
             shown -= remote.truncated["netstat_tcp_listen_queue_length"]
         listeners = tuple(
@@ -547,6 +550,17 @@ class ProgramSummary:
     skipped: int
 
 
+def _top_with_remainder(per_key: Mapping[str, Mapping[str, int]], top: int,
+                        incumbents: frozenset) -> tuple[list[str], dict[str, int]]:
+    """The `top` keys by their count over all states (top_n's hysteresis), and per state
+    the count of every other key: the OTHER bucket that keeps the sums exact."""
+    totals = {key: sum(states.values()) for key, states in per_key.items()}
+    shown = [key for key, _ in top_n(totals, top, incumbents)]
+    rest = [states for key, states in per_key.items() if key not in set(shown)]
+    return shown, {state: sum(states[state] for states in rest)
+                   for state in NETSTAT_STATES.values()}
+
+
 def _program_label(name: str) -> str:
     """A program called "other", "none" or "unknown" must not merge with those buckets."""
     return f"{name} (program)" if name in (OTHER, NO_PROGRAM, UNKNOWN_PROGRAM) else name
@@ -576,21 +590,18 @@ class ProgramAccumulator:
                                     ).reshape(_STATE_SLOTS, self._slots)
 
     def result(self, previous: "ProgramSummary | None" = None) -> ProgramSummary:
-        names = self.owners.programs
-        totals = {name: int(self._counts[:, i].sum()) for i, name in enumerate(names)}
-        shown = [name for name, _ in top_n(totals, self.top,
-                                            previous.members if previous else frozenset())]
-        index = {name: i for i, name in enumerate(names)}
+        per_program = {name: {label: int(self._counts[state, i])
+                              for state, label in NETSTAT_STATES.items()}
+                       for i, name in enumerate(self.owners.programs)}
+        shown, other = _top_with_remainder(per_program, self.top,
+                                           previous.members if previous else frozenset())
         connections = {}
         for state, label in NETSTAT_STATES.items():
-            row = self._counts[state]
-            listed = 0
             for name in shown:
-                connections[(label, _program_label(name))] = int(row[index[name]])
-                listed += int(row[index[name]])
-            connections[(label, NO_PROGRAM)] = int(row[-2])
-            connections[(label, UNKNOWN_PROGRAM)] = int(row[-1])
-            connections[(label, OTHER)] = int(row[:-2].sum()) - listed
+                connections[(label, _program_label(name))] = per_program[name][label]
+            connections[(label, NO_PROGRAM)] = int(self._counts[state, -2])
+            connections[(label, UNKNOWN_PROGRAM)] = int(self._counts[state, -1])
+            connections[(label, OTHER)] = other[label]
         return ProgramSummary(connections=MappingProxyType(connections), members=frozenset(shown),
                               processes=self.owners.processes, skipped=self.owners.skipped)
 
@@ -611,14 +622,12 @@ def summarize_namespaces(per_namespace: Mapping[str, Mapping[str, int]], top: in
                          unreadable: int = 0,
                          previous: "NetnsSummary | None" = None) -> NetnsSummary:
     """per_namespace: name -> state -> count (every state present)."""
-    totals = {name: sum(states.values()) for name, states in per_namespace.items()}
-    shown = [name for name, _ in top_n(totals, top, previous.members if previous else frozenset())]
+    shown, other = _top_with_remainder(per_namespace, top,
+                                       previous.members if previous else frozenset())
     connections = {}
     for state in NETSTAT_STATES.values():
-        listed = 0
         for name in shown:
             connections[(name, state)] = per_namespace[name][state]
-            listed += per_namespace[name][state]
-        connections[(OTHER, state)] = sum(s[state] for s in per_namespace.values()) - listed
+        connections[(OTHER, state)] = other[state]
     return NetnsSummary(connections=MappingProxyType(connections), members=frozenset(shown),
                         namespaces=len(per_namespace), unreadable=unreadable)

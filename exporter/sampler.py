@@ -196,9 +196,13 @@ class Sampler:
         note_missing(self.reader.missing, missing)
         return data
 
+    def _previous(self, name: str):
+        """A source's data in the last snapshot (for top-N hysteresis), None if it failed."""
+        last = self._snapshot.results.get(name) if self._snapshot else None
+        return last.data if last is not None and last.ok else None
+
     def _read_tcp(self) -> aggregate.TcpSummary:
-        last = self._snapshot.results.get("tcp") if self._snapshot else None
-        previous = last.data if last is not None and last.ok else None
+        previous = self._previous("tcp")
         # netstat -p: who owns each socket, read just before the dump so both agree closely
         owners = processes.read(self.reader.procfs) if self.programs is not None else None
         summary = read_tcp(self.reader, self.listen_limit, self.remote, previous, owners,
@@ -237,9 +241,8 @@ class Sampler:
         worker.join()
         if failure:
             raise failure[0]
-        last = self._snapshot.results.get("netns") if self._snapshot else None
-        previous = last.data if last is not None and last.ok else None
-        return aggregate.summarize_namespaces(per_namespace, self.namespaces, unreadable, previous)
+        return aggregate.summarize_namespaces(per_namespace, self.namespaces, unreadable,
+                                              self._previous("netns"))
 
     @property
     def snapshot(self) -> Snapshot | None:

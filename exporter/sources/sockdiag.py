@@ -202,19 +202,15 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
     other = starts[~is_data]
     for start in other:
         kind = int(halves[2 * start + 2])
-        if kind in (NLMSG_DONE, NLMSG_ERROR) and words[start] < NLMSGHDR.size + 4:
-            raise DumpError(errno.EPROTO, f"netlink message type {kind} without its errno")
-        if kind == NLMSG_DONE:
-            err = int(np.frombuffer(data, dtype=np.int32, count=1, offset=4 * start + 16)[0])
-            if err:
-                raise OSError(-err, f"sock_diag dump failed: {os.strerror(-err)}")
-            if start != starts[-1]:
-                raise DumpError(errno.EPROTO, "NLMSG_DONE before the end of the dump")
-        elif kind == NLMSG_ERROR:
-            err = int(np.frombuffer(data, dtype=np.int32, count=1, offset=4 * start + 16)[0])
-            raise OSError(-err, f"sock_diag dump failed: {os.strerror(-err)}")
-        else:
+        if kind not in (NLMSG_DONE, NLMSG_ERROR):
             raise DumpError(errno.EPROTO, f"unexpected netlink message type {kind}")
+        if words[start] < NLMSGHDR.size + 4:
+            raise DumpError(errno.EPROTO, f"netlink message type {kind} without its errno")
+        err = int(np.frombuffer(data, dtype=np.int32, count=1, offset=4 * start + 16)[0])
+        if err or kind == NLMSG_ERROR:
+            raise OSError(-err, f"sock_diag dump failed: {os.strerror(-err)}")
+        if start != starts[-1]:
+            raise DumpError(errno.EPROTO, "NLMSG_DONE before the end of the dump")
     b = starts[is_data]
     if not len(b):
         return SocketTable.empty()
