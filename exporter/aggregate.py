@@ -198,12 +198,6 @@ def summarize_tcp(tables: Iterable[SocketTable], **options) -> TcpSummary:
     return acc.result()
 
 
-def summarize_udp(tables: Iterable[SocketTable]) -> UdpSummary:
-    acc = UdpAccumulator()
-    for table in tables:
-        acc.add(table)
-    return acc.result()
-
 
 # ---------------------------------------------------------------------------------------
 # Per remote address and per local port (the seed's recipes), with hard cardinality bounds.

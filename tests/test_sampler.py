@@ -203,3 +203,8 @@ def test_disabled_collectors_are_not_read_or_reported(tmp_path):
     assert registry.get_sample_value("netstat_exporter_collector_success", {"collector": "snmp"}) is None
     with pytest.raises(ValueError, match="unknown collectors: nope"):
         Sampler(SocketReader("proc"), collectors=["tcp", "nope"])
+
+
+def test_the_collector_names_config_accepts_are_the_sampler_sources():
+    from exporter.sampler import COLLECTORS
+    assert tuple(Sampler(SocketReader("proc"))._sources) == COLLECTORS

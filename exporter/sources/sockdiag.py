@@ -65,10 +65,6 @@ class DumpError(OSError):
     """The kernel's answer does not parse as a socket dump."""
 
 
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def build_request(protocol: int, family: int, states: int, seq: int) -> tuple[int, bytes]:
     """The dump request: (message type, bytes).
 
