@@ -11,14 +11,15 @@ import sys
 import threading
 import time
 
-from . import __version__, config
+from . import __version__, config, webconfig
 from .collectors import build_registry
 from .collectors.snmp import GAUGES
 from .aggregate import REMOTE_STATES
 from .sampler import COLLECTORS, Sampler, SocketReader
 from .sources import routes
 from .sources.table import STATE_BY_NAME
-from .server import make_app, run_in_thread, serve
+from .pages import Pages
+from .server import HttpServer, Limits
 
 log = logging.getLogger("netstat_exporter")
 
@@ -126,29 +127,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def serve_main(cfg: config.Config) -> int:
+    web = None
+    if cfg.web_config_file:
+        try:
+            web = webconfig.Watcher(cfg.web_config_file)
+        except webconfig.WebConfigError as exc:
+            print(f"netstat-exporter: error: --web.config.file: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     sampler = _sampler(cfg, cfg.sample_interval)
     host, port = cfg.listen
-    registry = build_registry(lambda: sampler.snapshot, __version__, cfg.snmp_fields)
-    app = make_app(registry, lambda: sampler.snapshot, cfg.telemetry_path, __version__)
+    pages = Pages(lambda get_snapshot: build_registry(get_snapshot, __version__, cfg.snmp_fields),
+                  lambda: sampler.snapshot, cfg.telemetry_path, __version__)
+    limits = Limits(max_connections=cfg.max_connections, max_requests=cfg.max_requests,
+                    header_timeout=cfg.read_header_timeout, idle_timeout=cfg.idle_timeout)
     try:
-        server = serve(app, host, port)
+        server = HttpServer(pages, host, port, limits, web)
     except OSError as exc:
         print(f"netstat-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
     sampler.start()  # the first sample completes before the server answers
+    server.start()
     bound = server.server_address
-    log.info("netstat-exporter %s listening on %s port %d, sampling every %gs",
-             __version__, bound[0], bound[1], cfg.sample_interval)
-    thread = run_in_thread(server)
+    log.info("netstat-exporter %s listening on %s port %d (%s), sampling every %gs",
+             __version__, bound[0], bound[1], "TLS" if web and web.current.tls else "plain HTTP",
+             cfg.sample_interval)
     stop.wait()
     log.info("shutting down")
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    server.stop()
     sampler.stop(5)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -30,6 +31,11 @@ class ConfigError(ValueError):
 class Config:
     listen_address: str = ":10101"
     telemetry_path: str = "/metrics"
+    web_config_file: str = ""
+    max_requests: int = 40
+    max_connections: int = 1000
+    read_header_timeout: float = 10.0
+    idle_timeout: float = 120.0
     sample_interval: float = 5.0
     peak_window: float = 60.0
     socket_source: str = "auto"
@@ -86,14 +92,15 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _seconds(minimum: float) -> Callable[[str], float]:
+def _seconds(minimum: float, maximum: float = 86400.0) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text.removesuffix("s"))
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or value < minimum:
-            raise ValueError(f"must be a number of seconds >= {minimum:g}, got {text!r}")
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise ValueError(f"must be a number of seconds from {minimum:g} to {maximum:g}, "
+                             f"got {text!r}")
         return value
     return parse
 
@@ -159,6 +166,12 @@ def _listen(text: str) -> str:
     return text
 
 
+def _file(text: str) -> str:
+    if text and not os.path.isfile(text):
+        raise ValueError(f"no such file: {text!r}")
+    return text
+
+
 def _directory(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
@@ -178,6 +191,18 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                              "address to serve on, [host]:port (default :10101)"),
     "--web.telemetry-path": ("telemetry_path", _path_in_url,
                              "path of the metrics endpoint (default /metrics)"),
+    "--web.config.file": ("web_config_file", _file,
+                          "exporter-toolkit web config (TLS, mutual TLS, basic auth, headers); "
+                          "see README 'Securing the endpoint'"),
+    "--web.max-requests": ("max_requests", _count(1, 10000),
+                           "scrapes served at once; more get 503 (default 40)"),
+    "--web.max-connections": ("max_connections", _count(1, 1000000),
+                              "open HTTP connections; beyond, the longest idle one is closed "
+                              "(default 1000)"),
+    "--web.read-header-timeout": ("read_header_timeout", _seconds(0.1, 3600),
+                                  "seconds a client has for a whole request head (default 10)"),
+    "--web.idle-timeout": ("idle_timeout", _seconds(1, 86400),
+                           "seconds an idle keep-alive connection is kept (default 120)"),
     "--sample.interval": ("sample_interval", _seconds(0.05),
                           "seconds between samples of the kernel (default 5)"),
     "--sample.peak-window": ("peak_window", _seconds(0),

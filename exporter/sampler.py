@@ -31,6 +31,15 @@ SOURCE_MODES = ("auto", "netlink", "proc")
 # A TCPDIAG_GETSOCK refused with one of these means the kernel lacks the one-walk request;
 # ask per family instead.
 _NO_COMPAT = {errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP}
+# Errors that mean "netlink sock_diag is refused here" (no module, seccomp, LSM, no such
+# protocol): only these switch a protocol to /proc. Running out of descriptors, memory or
+# buffers (EMFILE, ENFILE, ENOMEM, ENOBUFS) is the process's trouble, not netlink's: that
+# sample fails and the next one tries netlink again.
+REFUSED = {errno.EPROTONOSUPPORT, errno.EAFNOSUPPORT, errno.EACCES, errno.EPERM,
+           errno.ENOENT, errno.EOPNOTSUPP, errno.ECONNREFUSED}
+# After a fallback to /proc, netlink is tried again this often (a module loaded later, a
+# policy changed).
+NETLINK_RETRY_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -70,15 +79,18 @@ class SocketReader:
 
     def __init__(self, mode: str = "auto", procfs: str = "/proc",
                  dump: Callable[..., Iterator[SocketTable]] = sockdiag.dump,
-                 read_proc: Callable[..., Iterator[SocketTable]] = proc_sockets.read):
+                 read_proc: Callable[..., Iterator[SocketTable]] = proc_sockets.read,
+                 clock: Callable[[], float] = time.monotonic):
         if mode not in SOURCE_MODES:
             raise ValueError(f"unknown socket source {mode!r}")
         self.mode = mode
         self.procfs = procfs
         self._dump = dump
         self._read_proc = read_proc
+        self._clock = clock
         self._per_family_tcp = False
         self.sources = {name: ("proc" if mode == "proc" else "netlink") for name in PROTOCOLS}
+        self._retry_at: dict[str, float] = {}  # protocol -> when to try netlink again
         self.missing: set[str] = set()  # /proc files found absent where that is expected
         self.buffer = bytearray(sockdiag.BATCH_BYTES)  # reused by every dump (one thread)
 
@@ -106,17 +118,33 @@ class SocketReader:
         for family in (socket.AF_INET, socket.AF_INET6):
             yield from self._dump(proto, family, buffer=self.buffer)
 
+    def retry_netlink(self, protocol: str) -> None:
+        """Before a read: after a fallback, give netlink another chance now and then."""
+        if self.sources[protocol] == "proc" and protocol in self._retry_at \
+                and self._clock() >= self._retry_at[protocol]:
+            self.sources[protocol] = "netlink"
+
     def fall_back(self, protocol: str, exc: OSError) -> bool:
-        """After a netlink failure: switch to /proc if allowed. True when the caller should
-        read again (from /proc)."""
+        """After a netlink failure: switch to /proc if netlink is refused and that is
+        allowed. True when the caller should read again (from /proc)."""
         if self.mode != "auto" or self.sources[protocol] == "proc":
             return False
-        if isinstance(exc, (sockdiag.DumpInterrupted, TimeoutError)):
+        if isinstance(exc, sockdiag.DumpError) or exc.errno not in REFUSED:
             return False
+        retrying = protocol in self._retry_at
         self.sources[protocol] = "proc"
-        log.warning("netlink sock_diag refused for %s (%s); reading %s/net/%s* instead",
-                    protocol, exc.strerror or exc, self.procfs, protocol)
+        self._retry_at[protocol] = self._clock() + NETLINK_RETRY_SECONDS
+        if not retrying:
+            log.warning("netlink sock_diag refused for %s (%s); reading %s/net/%s* instead, "
+                        "and trying netlink again every %.0fs", protocol,
+                        exc.strerror or exc, self.procfs, protocol, NETLINK_RETRY_SECONDS)
         return True
+
+    def netlink_works(self, protocol: str) -> None:
+        """After a successful read: if that was a retry, say netlink is back."""
+        if self.sources[protocol] == "netlink" and self._retry_at.pop(protocol, None) is not None:
+            log.warning("netlink sock_diag works again for %s; reading it instead of /proc",
+                        protocol)
 
 
 def read_tcp(reader: SocketReader, listen_limit: int,
@@ -135,11 +163,13 @@ def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
 def _read(reader: SocketReader, protocol: str, new_accumulator):
     # A dump is aggregated batch by batch; if it has to start over (interrupted, or netlink
     # refused and we fall back to /proc), the partial sums are thrown away with it.
+    reader.retry_netlink(protocol)
     for _attempt in range(3):
         acc = new_accumulator()
         try:
             for table in reader.tables(protocol):
                 acc.add(table)
+            reader.netlink_works(protocol)
             return acc.result()
         except sockdiag.DumpInterrupted:
             continue

@@ -208,3 +208,54 @@ def test_disabled_collectors_are_not_read_or_reported(tmp_path):
 def test_the_collector_names_config_accepts_are_the_sampler_sources():
     from exporter.sampler import COLLECTORS
     assert tuple(Sampler(SocketReader("proc"))._sources) == COLLECTORS
+
+
+def out_of_descriptors(*_args, **_kwargs):
+    raise OSError(errno.EMFILE, "Too many open files")
+    yield
+
+
+def test_running_out_of_descriptors_fails_the_sample_but_never_switches_to_proc(caplog):
+    reader = SocketReader("auto", procfs=str(FIXTURES), dump=out_of_descriptors)
+    with caplog.at_level(logging.WARNING):
+        snapshot = Sampler(reader).sample_once()
+    assert not snapshot.results["tcp"].ok
+    assert "Too many open files" in snapshot.results["tcp"].error
+    assert snapshot.socket_sources == {"tcp": "netlink", "udp": "netlink"}
+    assert not [r for r in caplog.records if "instead" in r.getMessage()]
+
+
+def test_after_a_fallback_netlink_is_tried_again_and_both_switches_are_logged(caplog):
+    from exporter.sources import proc_sockets
+    now = {"t": 0.0}
+    refusing = {"on": True}
+
+    def dump(protocol, family=socket.AF_UNSPEC, buffer=None):
+        if refusing["on"]:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        if family in (socket.AF_UNSPEC, socket.AF_INET):  # both families in one walk
+            yield from proc_sockets.read(protocol, str(FIXTURES), [])
+
+    reader = SocketReader("auto", procfs=str(FIXTURES), dump=dump, clock=lambda: now["t"])
+    sampler = Sampler(reader, collectors=["tcp"])
+    with caplog.at_level(logging.WARNING):
+        assert sampler.sample_once().socket_sources["tcp"] == "proc"
+        refusing["on"] = False
+        now["t"] = 599.0  # not yet time to retry
+        assert sampler.sample_once().socket_sources["tcp"] == "proc"
+        now["t"] = 601.0
+        snapshot = sampler.sample_once()
+    assert snapshot.socket_sources["tcp"] == "netlink" and snapshot.results["tcp"].ok
+    assert snapshot.results["tcp"].data.state_totals()["SYN_RECV"] == 7
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("refused for tcp" in m for m in messages) == 1
+    assert sum("works again for tcp" in m for m in messages) == 1
+    # refused at a retry: still /proc, and quietly (the first warning said it all)
+    refusing["on"] = True
+    now["t"] = 1300.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert sampler.sample_once().socket_sources["tcp"] == "proc"  # a new switch: logged
+        now["t"] = 1901.0
+        assert sampler.sample_once().socket_sources["tcp"] == "proc"  # a failed retry: not
+    assert sum("refused for tcp" in r.getMessage() for r in caplog.records) == 1

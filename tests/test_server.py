@@ -1,4 +1,4 @@
-"""HTTP behaviour: the real exporter process in a private namespace, and the WSGI app alone."""
+"""HTTP behaviour: the real exporter process in a private namespace, and the pages alone."""
 from __future__ import annotations
 
 import gzip
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from exporter.server import make_app
+from exporter.pages import Pages
 from tests.conftest import unavailable
 from tests.kernel import build_mix, wait_for
 
@@ -117,14 +117,16 @@ def test_scrapes_reuse_one_connection(running):
             sockets.append(conn.sock)
         assert response.status == 200 and gzip.decompress(body).startswith(b"# HELP")
         assert all(s is sockets[0] for s in sockets)  # one TCP connection for all four
+        # HEAD (headers, no body) and POST (405) keep the framing, and the connection, intact
+        for method, status in (("HEAD", 200), ("POST", 405), ("GET", 200)):
+            conn.request(method, "/metrics")
+            response = conn.getresponse()
+            body = response.read()
+            assert response.status == status and conn.sock is sockets[0]
+            if method == "HEAD":
+                assert body == b"" and int(response.getheader("Content-Length")) > 1000
+        assert body.startswith(b"# HELP")
         conn.close()
-        for method in ("HEAD", "POST"):  # answered, then closed: no framing surprises
-            with socket.create_connection(("127.0.0.1", PORT), timeout=5) as raw:
-                raw.sendall(f"{method} /metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                received = b""
-                while chunk := raw.recv(4096):
-                    received += chunk
-            assert received.startswith(b"HTTP/1.1 " + (b"200" if method == "HEAD" else b"405"))
         # a client that asks to close gets the whole answer and then EOF
         with socket.create_connection(("127.0.0.1", PORT), timeout=5) as raw:
             raw.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -189,7 +191,10 @@ def test_port_in_use_is_one_clear_line():
 
 @pytest.mark.parametrize("args, message", [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-    (["--sample.interval=0"], "--sample.interval: must be a number of seconds >= 0.05"),
+    (["--sample.interval=0"], "--sample.interval: must be a number of seconds from 0.05 to 86400"),
+    (["--sample.interval=1e10"], "--sample.interval: must be a number of seconds from 0.05"),
+    (["--web.max-requests=0"], "--web.max-requests: must be an integer from 1 to 10000"),
+    (["--web.config.file=/nonexistent.yml"], "--web.config.file: no such file"),
     (["--web.listen-address=nonsense"], "--web.listen-address: expected [host]:port"),
     (["--web.listen-address=:99999"], "port must be 0-65535"),
     (["--web.listen-address=::1:80"], "brackets"),
@@ -225,26 +230,17 @@ def test_environment_variables_configure_and_flags_win(monkeypatch):
         config.build({}, {"NETSTAT_EXPORTER_PATH_PROCFS": ""})
 
 
-def call(app, path, method="GET"):
-    captured = {}
-
-    def start_response(status, headers):
-        captured["status"], captured["headers"] = status, dict(headers)
-
-    body = b"".join(app({"PATH_INFO": path, "REQUEST_METHOD": method}, start_response))
-    return captured["status"], body
-
-
 def test_healthz_turns_503_when_the_sample_is_stale():
     from prometheus_client import CollectorRegistry
     now = {"t": 1000.0}
     snap = SimpleNamespace(monotonic=1000.0, effective_interval=5.0,
                            results={"tcp": SimpleNamespace(ok=True), "udp": SimpleNamespace(ok=False)})
-    app = make_app(CollectorRegistry(), lambda: snap, clock=lambda: now["t"])
-    status, body = call(app, "/healthz")
-    assert status == "200 OK" and body == b"ok: last sample 0.0s ago; failing: udp\n"
+    pages = Pages(lambda _get: CollectorRegistry(), lambda: snap, clock=lambda: now["t"])
+    reply = pages.health()
+    assert reply.status == 200 and reply.body == b"ok: last sample 0.0s ago; failing: udp\n"
+    assert pages.health(detailed=False).body == b"ok\n"
     now["t"] = 1015.5
-    status, body = call(app, "/healthz")
-    assert status.startswith("503") and b"stale" in body
-    app = make_app(CollectorRegistry(), lambda: None)
-    assert call(app, "/healthz")[0].startswith("503")
+    reply = pages.health()
+    assert reply.status == 503 and reply.body.startswith(b"stale: last sample 15.5s ago")
+    assert pages.health(detailed=False).body == b"stale\n"
+    assert Pages(lambda _get: CollectorRegistry(), lambda: None).health().status == 503

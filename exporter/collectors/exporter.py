@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import platform
-import time
 
 from .base import SnapshotCollector, counter, gauge
 
@@ -9,10 +8,9 @@ from .base import SnapshotCollector, counter, gauge
 class ExporterCollector(SnapshotCollector):
     """The exporter's own health: build, per-collector success and cost, sample freshness."""
 
-    def __init__(self, get_snapshot, version: str, clock=time.monotonic):
+    def __init__(self, get_snapshot, version: str):
         super().__init__(get_snapshot)
         self.version = version
-        self.clock = clock
 
     def families(self):
         return (
@@ -22,8 +20,9 @@ class ExporterCollector(SnapshotCollector):
                   "succeeded, 0 when it failed (its metrics are then absent).", ("collector",)),
             gauge("exporter_collector_duration_seconds", "Time the collector's last sample "
                   "took.", ("collector",)),
-            gauge("exporter_sample_age_seconds", "Age of the snapshot this scrape was "
-                  "rendered from."),
+            gauge("exporter_sample_timestamp_seconds", "Unix time the snapshot this scrape "
+                  "was rendered from was taken; its age is time() minus this (the body is "
+                  "rendered once per sample and shared by every scraper)."),
             gauge("exporter_sample_duration_seconds", "Time the last whole sample took."),
             gauge("exporter_sample_effective_interval_seconds", "Interval the sampling loop "
                   "keeps now: --sample.interval, stretched when a sample takes more than a "
@@ -38,7 +37,7 @@ class ExporterCollector(SnapshotCollector):
         )
 
     def collect(self):
-        (build, success, duration, age, sample_duration, interval, scanned,
+        (build, success, duration, timestamp, sample_duration, interval, scanned,
          source, truncated) = self.families()
         build.add((self.version, platform.python_version()), 1)
         snapshot = self.get_snapshot()
@@ -49,13 +48,13 @@ class ExporterCollector(SnapshotCollector):
                 count = getattr(result.data, "scanned", None)
                 if count is not None:
                     scanned.add((name,), count)
-            age.add((), max(0.0, self.clock() - snapshot.monotonic))
+            timestamp.add((), snapshot.taken_at)
             sample_duration.add((), snapshot.duration)
             interval.add((), snapshot.effective_interval)
             for protocol, name in snapshot.socket_sources.items():
                 source.add((protocol, name), 1)
             for metric, cut in snapshot.truncated_total.items():
                 truncated.add((metric,), cut)
-        for family in (build, success, duration, age, sample_duration, interval, scanned,
+        for family in (build, success, duration, timestamp, sample_duration, interval, scanned,
                        source, truncated):
             yield family.metric
