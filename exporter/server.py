@@ -236,9 +236,14 @@ class HttpServer:
         connection = self._connections[task]
         writer = None
         try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
+            web = self.web.refresh() if self.web is not None else WebConfig()
+            reader, writer = await self._streams(sock, web)
             connection.writer = writer
-            await self._serve(reader, writer, connection)
+            if web.allowed_sans is not None and not _san_allowed(
+                    writer.get_extra_info("peercert"), web.allowed_sans):
+                log.debug("http: client certificate of %s has no allowed SAN", _peer(sock))
+                return
+            await self._serve(reader, writer, connection, web)
         except PEER_ERRORS as exc:
             log.debug("http: connection from %s ended: %r", _peer(sock), exc)
         finally:
@@ -247,6 +252,18 @@ class HttpServer:
                 writer.transport.abort()
             else:
                 sock.close()
+
+    async def _streams(self, sock: socket.socket, web: WebConfig):
+        """Reader and writer over the accepted socket, TLS (server side, with the context
+        current at accept time, so a rotated certificate serves from the next connection)
+        completed within the header deadline."""
+        made = self._loop.create_future()
+        reader = asyncio.StreamReader(limit=MAX_HEAD)
+        protocol = asyncio.StreamReaderProtocol(reader, lambda _r, w: made.set_result(w))
+        await self._loop.connect_accepted_socket(
+            lambda: protocol, sock, ssl=web.tls,
+            ssl_handshake_timeout=self.limits.header_timeout if web.tls else None)
+        return reader, await made
 
     def _evict_idle(self) -> bool:
         """Close the connection that has waited longest without a request in progress: idle
@@ -261,14 +278,7 @@ class HttpServer:
         del self._connections[victim.task]
         return True
 
-    async def _serve(self, reader, writer, connection: _Connection) -> None:
-        web = self.web.refresh() if self.web is not None else WebConfig()
-        if web.tls is not None:
-            await writer.start_tls(web.tls, ssl_handshake_timeout=self.limits.header_timeout)
-            if web.allowed_sans is not None and not _san_allowed(
-                    writer.get_extra_info("peercert"), web.allowed_sans):
-                log.debug("http: client certificate of %s has no allowed SAN", _peer(writer))
-                return
+    async def _serve(self, reader, writer, connection: _Connection, web: WebConfig) -> None:
         protocol = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         while True:
             connection.busy, connection.since = False, self._loop.time()
