@@ -7,9 +7,13 @@ import json
 import logging
 import os
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 from . import __version__, config, webconfig
 from .collectors import build_registry
@@ -120,10 +124,65 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["snapshot"]:
         return snapshot_main(argv[1:])
+    if argv[:1] == ["healthcheck"]:
+        return healthcheck_main(argv[1:])
     parser = _serve_parser()
     cfg = _build_config(parser.parse_args(argv), parser)
     _setup_logging(cfg.log_level)
     return serve_main(cfg)
+
+
+def healthcheck_main(argv: list[str]) -> int:
+    """Exit 0 while the exporter on --web.listen-address answers /healthz with 200: the image's
+    HEALTHCHECK and Kubernetes exec probes. It reads the same flags and environment as the
+    server, speaks TLS when the web config has it (without verifying the server: it is
+    asking its own port) and needs no password (/healthz is open to liveness probes)."""
+    parser = _Parser(prog="netstat-exporter healthcheck",
+                     description="Exit 0 while the local exporter's /healthz answers 200.")
+    _common_flags(parser, ("--web.listen-address", "--web.config.file"))
+    cfg = _build_config(parser.parse_args(argv), parser)
+    host, port = cfg.listen
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    tls = None
+    if cfg.web_config_file:
+        try:
+            tls = webconfig.load(cfg.web_config_file).tls
+        except webconfig.WebConfigError as exc:
+            print(f"unhealthy: {exc}", file=sys.stderr)
+            return 1
+    context = None
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if tls.verify_mode == ssl.CERT_REQUIRED:
+            return _handshake_check(host, port, context)
+    url = f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=4, context=context) as reply:
+            print(reply.read().decode(errors="replace").strip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy: {exc.code} {exc.read().decode(errors='replace').strip()}",
+              file=sys.stderr)
+    except OSError as exc:
+        print(f"unhealthy: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+    return 1
+
+
+def _handshake_check(host: str, port: int, context: ssl.SSLContext) -> int:
+    """Mutual TLS: without a client certificate no request gets through, but a completed
+    TLS 1.3 handshake (the server checks the client's certificate only after it) shows the
+    server is up. The sample's freshness cannot be checked this way, and the output says so."""
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        with socket.create_connection((host, port), timeout=4) as raw, \
+                context.wrap_socket(raw):
+            pass
+    except OSError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    print("alive (client certificate required: sample freshness not checked)")
+    return 0
 
 
 def serve_main(cfg: config.Config) -> int:

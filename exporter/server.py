@@ -220,6 +220,9 @@ class HttpServer:
                 sock.close()  # every connection is busy with a request: refuse this one
                 continue
             sock.setblocking(False)
+            # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP; without
+            # it every small reply waits for the client's delayed ACK (40 ms each)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = self._loop.create_task(self._connection(sock))
             self._connections[task] = _Connection(task, None, self._loop.time())
 
@@ -399,11 +402,10 @@ class HttpServer:
                     web: WebConfig) -> None:
         headers = [("Content-Type", reply.content_type),
                    ("Content-Length", str(len(reply.body))), *reply.headers, *web.headers]
-        writer.write(protocol.send(h11.Response(status_code=reply.status, headers=headers,
-                                                reason=HTTPStatus(reply.status).phrase)))
-        if request.method != b"HEAD":
-            writer.write(protocol.send(h11.Data(data=reply.body)))
-        writer.write(protocol.send(h11.EndOfMessage()))
+        head = protocol.send(h11.Response(status_code=reply.status, headers=headers,
+                                          reason=HTTPStatus(reply.status).phrase))
+        body = protocol.send(h11.Data(data=reply.body)) if request.method != b"HEAD" else b""
+        writer.write(head + body + protocol.send(h11.EndOfMessage()))
         async with asyncio.timeout(self.limits.write_timeout):
             await writer.drain()
 

@@ -143,3 +143,73 @@ def test_prometheusrule_is_the_rule_files():
     assert (K8S / "prometheusrule.yaml").read_text() == render.prometheus_rule(alerts, recording)
     rule = yaml.safe_load((K8S / "prometheusrule.yaml").read_text())
     assert rule["spec"]["groups"] == yaml.safe_load(alerts)["groups"] + yaml.safe_load(recording)["groups"]
+
+
+SECURE = K8S / "secure"
+
+
+def merged(base: dict, patch: dict) -> dict:
+    """A strategic merge patch as kubectl applies ours: maps merge, lists of named items merge
+    by name, a null deletes."""
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list) and all(
+                isinstance(v, dict) and ("name" in v or "port" in v) for v in value + out[key]):
+            by_name = {v.get("name", v.get("port")): v for v in out[key]}
+            for item in value:
+                name = item.get("name", item.get("port"))
+                by_name[name] = merged(by_name[name], item) if name in by_name else item
+            out[key] = list(by_name.values())
+        else:
+            out[key] = value
+    return out
+
+
+def test_secure_overlay_patches_validate_and_its_web_config_loads(tmp_path):
+    import trustme
+    from exporter import webconfig
+    kustomization = yaml.safe_load((SECURE / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "web-config-secret.yaml"]
+    secret = yaml.safe_load((SECURE / "web-config-secret.yaml").read_text())
+    kubernetes_validate.validate(secret, "1.30.0", strict=True)
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((SECURE / entry["path"]).read_text())
+        base_name = {"DaemonSet": "daemonset.yaml", "ServiceMonitor": "servicemonitor.yaml"}[patch["kind"]]
+        document = merged(yaml.safe_load((K8S / base_name).read_text()), patch)
+        if patch["kind"] == "ServiceMonitor":
+            jsonschema.validate(document, json.loads((SCHEMAS / "servicemonitor.json").read_text()))
+            assert document["spec"]["endpoints"][0]["scheme"] == "https"
+        else:
+            kubernetes_validate.validate(document, "1.30.0", strict=True)
+            (container,) = document["spec"]["template"]["spec"]["containers"]
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+            assert env["NETSTAT_EXPORTER_WEB_CONFIG_FILE"] == mounts["web-config"] + "/web.yml"
+            assert "httpGet" not in container["livenessProbe"]
+            assert container["livenessProbe"]["exec"]["command"][-1] == "healthcheck"
+    # the Secret's web.yml works with the files cert-manager writes beside it
+    ca = trustme.CA()
+    server = ca.issue_cert("node.example.org")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "tls.crt")
+    server.private_key_pem.write_to_path(tmp_path / "tls.key")
+    ca.cert_pem.write_to_path(tmp_path / "ca.crt")
+    (tmp_path / "web.yml").write_text(secret["stringData"]["web.yml"])
+    config = webconfig.load(str(tmp_path / "web.yml"))
+    assert config.tls is not None and set(config.users) == {"prometheus"}
+    example = DEPLOY / "web" / "web-config.example.yml"
+    (tmp_path / "web.yml").write_text(example.read_text())
+    assert webconfig.load(str(tmp_path / "web.yml")).tls is not None
+
+
+def test_systemd_limits_fit_the_connection_cap():
+    from exporter.config import Config
+    from exporter.server import RESERVED_DESCRIPTORS
+    unit = UNIT.read_text()
+    nofile = int(re.search(r"^LimitNOFILE=(\d+)$", unit, re.M).group(1))
+    tasks = int(re.search(r"^TasksMax=(\d+)$", unit, re.M).group(1))
+    assert nofile >= Config().max_connections + 2 * RESERVED_DESCRIPTORS
+    assert 8 <= tasks <= 64  # threads do not grow with connections

@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -38,7 +40,8 @@ def test_dockerfile_conventions():
     assert re.search(r"^USER 10101:10101$", text, re.M)
     assert "EXPOSE 10101" in text
     assert re.search(r'^ENTRYPOINT \["', text, re.M)  # exec form
-    assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["/opt/netstat-exporter/bin/python"', text, re.M)
+    assert re.search(r'^HEALTHCHECK .*\n\s+CMD \["/opt/netstat-exporter/bin/netstat-exporter", '
+                     r'"healthcheck"\]', text, re.M)
     assert "org.opencontainers.image.title" in text
 
 
@@ -66,6 +69,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def tls_and_auth(folder: Path) -> Path:
+    """A web config with a certificate for 127.0.0.1 and one basic-auth user, readable by the
+    image's uid."""
+    import bcrypt
+    import trustme
+    folder.mkdir()
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    server.cert_chain_pems[0].write_to_path(folder / "server.crt")
+    server.private_key_pem.write_to_path(folder / "server.key")
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    (folder / "web.yml").write_text("tls_server_config: {cert_file: server.crt, key_file: "
+                                    f"server.key}}\nbasic_auth_users: {{prometheus: '{hashed}'}}\n")
+    for path in (folder, *folder.iterdir()):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return folder
+
+
+def https_status(port: int, context) -> int | None:
+    try:
+        return urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", timeout=5,
+                                      context=context).status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
 
 
 @pytest.mark.netns
@@ -104,7 +136,19 @@ def test_image_builds_runs_and_is_healthy(tmp_path):
         assert f'netstat_tcp_listen_queue_length{{address="127.0.0.1",port="{port}"}}' in body
         run(*PODMAN_RUN, "healthcheck", "run", name)
         assert run(*PODMAN_RUN, "exec", name, "id", "-u").strip() == "10101"
+        # the same image with TLS and basic auth on: the HEALTHCHECK still passes
+        secure = tls_and_auth(tmp_path / "web")
+        tls_port = free_port()
+        run(*PODMAN_RUN, "run", "-d", "--name", name + "-tls", "--ulimit", "nofile=4096:4096",
+            "--ulimit", "nproc=4096:4096", "--net=host",
+            "--volume", f"{secure}:/etc/netstat-exporter:ro",
+            "-e", f"NETSTAT_EXPORTER_WEB_LISTEN_ADDRESS=127.0.0.1:{tls_port}",
+            "-e", "NETSTAT_EXPORTER_WEB_CONFIG_FILE=/etc/netstat-exporter/web.yml", image)
+        context = ssl.create_default_context(cafile=str(secure / "ca.pem"))
+        wait_for(lambda: https_status(tls_port, context) == 401, timeout=30,
+                 what="the TLS container to ask for a password")
+        run(*PODMAN_RUN, "healthcheck", "run", name + "-tls")
     finally:
-        subprocess.run([*PODMAN_RUN, "rm", "-f", name], capture_output=True)
+        subprocess.run([*PODMAN_RUN, "rm", "-f", name, name + "-tls"], capture_output=True)
         subprocess.run(["podman", "rmi", "-f", image, base], capture_output=True)
         subprocess.run(["podman", "image", "prune", "-f"], capture_output=True)

@@ -179,6 +179,13 @@ def start(ns, config_path, *flags):
     return proc
 
 
+def healthcheck(ns, config_path) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns.name, sys.executable, "-m", "exporter",
+                           "healthcheck", f"--web.listen-address=127.0.0.1:{PORT}",
+                           f"--web.config.file={config_path}"],
+                          capture_output=True, text=True, timeout=20)
+
+
 def client_context(pki, certificate: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki.folder / "ca.pem"))
     if certificate:
@@ -226,6 +233,8 @@ def test_basic_auth_over_tls(netns, pki, tmp_path):
         status, _, body = get(netns, "/healthz", tls)
         assert (status, body) == (200, b"ok\n")
         assert get(netns, "/healthz", tls, "prometheus")[2].startswith(b"ok: last sample")
+        check = healthcheck(netns, path)  # the image's HEALTHCHECK, with TLS and auth on
+        assert check.returncode == 0 and check.stdout == "ok\n", check
         # plain HTTP on the TLS port: refused promptly, nothing served
         with netns.entered(), socket.create_connection(("127.0.0.1", PORT), timeout=5) as raw:
             raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -259,10 +268,15 @@ def test_client_certificates(netns, pki, tmp_path, auth_type, no_cert_allowed):
                 get(netns, "/metrics", client_context(pki, certificate))
         if no_cert_allowed:
             assert get(netns, "/metrics", client_context(pki))[0] == 200
+        check = healthcheck(netns, path)
+        assert check.returncode == 0, check
+        assert check.stdout.startswith("ok" if no_cert_allowed else "alive (client certificate")
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
     assert "Traceback" not in proc.stderr.read()
+    check = healthcheck(netns, path)  # nothing listens any more
+    assert check.returncode == 1 and check.stderr.startswith("unhealthy:"), check
 
 
 @pytest.mark.netns
