@@ -1,0 +1,35 @@
+"""Per network namespace (containers, `ip netns`): the top namespaces by sockets, the rest
+in OTHER, bounded like the other outside-fed labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from ..sources.table import NETSTAT_STATES
+from .ranking import OTHER, top_with_remainder
+
+
+@dataclass(frozen=True)
+class NetnsSummary:
+    # (namespace label, state) -> sockets; the top namespaces by sockets, the rest in OTHER
+    connections: Mapping[tuple[str, str], int]
+    members: frozenset
+    namespaces: int  # namespaces read
+    unreadable: int  # namespaces or processes we may not look into
+
+
+def summarize_namespaces(per_namespace: Mapping[str, Mapping[str, int]], top: int,
+                         unreadable: int = 0,
+                         previous: "NetnsSummary | None" = None) -> NetnsSummary:
+    """per_namespace: name -> state -> count (every state present)."""
+    shown, other = top_with_remainder(per_namespace, top,
+                                      previous.members if previous else frozenset())
+    connections = {}
+    for state in NETSTAT_STATES.values():
+        for name in shown:
+            connections[(name, state)] = per_namespace[name][state]
+        connections[(OTHER, state)] = other[state]
+    return NetnsSummary(connections=MappingProxyType(connections), members=frozenset(shown),
+                        namespaces=len(per_namespace), unreadable=unreadable)

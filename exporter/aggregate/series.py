@@ -1,0 +1,46 @@
+"""--series.limit: one budget over the label sets the outside world feeds (remote addresses,
+local ports, listeners), counted here alone so that the budget matches what is exported.
+"""
+from __future__ import annotations
+
+from .states import PORT_STATES, REMOTE_STATES
+
+SERIES_LIMITED = ("netstat_tcp_remote_connections", "netstat_tcp_local_port_connections",
+                  "netstat_tcp_listen_queue_length", "netstat_tcp_listen_backlog")
+# The fewest series --series.limit can leave: OTHER and EXCLUDED per remote state and OTHER
+# per port state are never cut (they keep the sums exact).
+MIN_SERIES_LIMIT = 2 * len(REMOTE_STATES) + len(PORT_STATES)
+
+
+def apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listeners: int,
+                       limit: int) -> dict[str, int]:
+    """Trim labelled series until they fit in `limit`; return the series cut per metric.
+
+    Cut first: remote entries, smallest count first (one series each; their connections
+    fold into OTHER, so sums stay exact); then ports, smallest first (one series per state,
+    folded into OTHER); then listeners, emptiest first (a queue-length and a backlog series
+    each; still counted in netstat_tcp_listeners). OTHER/EXCLUDED series are never cut.
+    Mutates `chosen` and `shown_ports`.
+    """
+    per_port = len(PORT_STATES)
+    used = (MIN_SERIES_LIMIT + sum(len(v) for v in chosen.values())
+            + per_port * len(shown_ports) + 2 * listeners)
+    truncated = dict.fromkeys(SERIES_LIMITED, 0)
+    entries = sorted(((count, name, key) for name, items in chosen.items() for key, count in items),
+                     key=lambda e: (e[0], e[2]))
+    for count, name, key in entries:
+        if used <= limit:
+            break
+        chosen[name].remove((key, count))
+        used -= 1
+        truncated["netstat_tcp_remote_connections"] += 1
+    while used > limit and shown_ports:
+        shown_ports.pop()
+        used -= per_port
+        truncated["netstat_tcp_local_port_connections"] += per_port
+    while used > limit and listeners:
+        listeners -= 1
+        used -= 2
+        truncated["netstat_tcp_listen_queue_length"] += 1
+        truncated["netstat_tcp_listen_backlog"] += 1
+    return truncated
