@@ -1,9 +1,11 @@
-"""aggregate.py is pure: parametrised tables and hypothesis properties."""
+"""exporter.aggregate is pure: parametrised tables and hypothesis properties."""
 from __future__ import annotations
 
 import collections
+import io
 import ipaddress
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from exporter import aggregate
 from exporter.aggregate import (EXCLUDED, MIN_SERIES_LIMIT, OTHER, PORT_STATES, REMOTE_STATES,
                                 RemoteKey, RemoteOptions, TcpAccumulator, top_n)
+from exporter.sources import proc_sockets
 from exporter.sources.table import NETSTAT_STATES, SocketTable, TcpState, parse_address
 
 
@@ -33,10 +36,25 @@ def table(rows):
     return SocketTable.from_columns(dict(cols))
 
 
-def summarize(rows, previous=None, batches=1, listen_limit=100, **options):
+def proc_table(rows):
+    """The same rows as /proc/net/tcp prints them, read back by the /proc source."""
+    def endpoint(address, port):
+        return f"{int.from_bytes(socket.inet_aton(address), sys.byteorder):08X}:{port:04X}"
+    lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid"
+             "  timeout inode"]
+    for i, (state, remote, lport, *local) in enumerate(rows):
+        remote_port = 0 if state == TcpState.LISTEN else 1234
+        lines.append(f"{i:4}: {endpoint(local[0] if local else '127.0.0.1', lport)} "
+                     f"{endpoint(remote, remote_port)} {state:02X} 00000000:00000000 "
+                     f"00:00000000 00000000     0        0 {1000 + i} 1")
+    return next(proc_sockets.parse_file(io.StringIO("\n".join(lines)), socket.AF_INET))
+
+
+def summarize(rows, previous=None, batches=1, listen_limit=100, source="netlink", **options):
+    # the sampler's rule: only sock_diag knows a listener's backlog
     acc = TcpAccumulator(listen_limit=listen_limit, remote=RemoteOptions(**options),
-                         previous=previous)
-    t = table(rows)
+                         previous=previous, backlog_known=source == "netlink")
+    t = table(rows) if source == "netlink" else proc_table(rows)
     for chunk in np.array_split(np.arange(len(t)), batches):
         acc.add(SocketTable(**{c: getattr(t, c)[chunk] for c in
                                ("family", "state", "local_addr", "local_port", "remote_addr",
@@ -135,6 +153,29 @@ def test_series_limit_cuts_smallest_first_and_counts_it():
     tighter = summarize(rows, series_limit=MIN_SERIES_LIMIT)
     assert tighter.listeners == () and tighter.listeners_total == 1
     assert tighter.remote.truncated["netstat_tcp_listen_backlog"] == 1
+
+
+
+def test_series_limit_counts_the_series_a_listener_really_makes():
+    # /proc/net/tcp has no backlog, so its listeners make one series (the queue length), not
+    # two: the series the backlog would have taken stay with the remotes.
+    rows = [(E, f"10.0.0.{i}", 80) for i in range(1, 11) for _ in range(i)]
+    rows.append((TcpState.LISTEN, "0.0.0.0", 80, "0.0.0.0"))
+    limit = MIN_SERIES_LIMIT + len(PORT_STATES) + 1 + 3  # port 80, its listener, 3 remotes
+    proc = summarize(rows, series_limit=limit, source="proc")
+    shown = [l for (s, l) in proc.remote.remote if s == "ESTABLISHED" and l != OTHER]
+    assert shown == ["10.0.0.10", "10.0.0.9", "10.0.0.8"]
+    assert proc.remote.truncated["netstat_tcp_remote_connections"] == 7
+    assert [(l.address, l.port, l.backlog) for l in proc.listeners] == [("0.0.0.0", 80, None)]
+    netlink = summarize(rows, series_limit=limit)  # the backlog series costs one remote
+    assert netlink.remote.truncated["netstat_tcp_remote_connections"] == 8
+    assert netlink.listeners[0].backlog is not None
+    # with room for the listener alone it stays; cut, it never counts a backlog series
+    assert len(summarize(rows, series_limit=MIN_SERIES_LIMIT + 1, source="proc").listeners) == 1
+    cut = summarize(rows, series_limit=MIN_SERIES_LIMIT, source="proc")
+    assert cut.listeners == () and cut.listeners_total == 1
+    assert cut.remote.truncated["netstat_tcp_listen_queue_length"] == 1
+    assert cut.remote.truncated["netstat_tcp_listen_backlog"] == 0
 
 
 @pytest.mark.parametrize("batches", [1, 3])

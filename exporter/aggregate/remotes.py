@@ -239,7 +239,8 @@ class RemoteAccumulator:
         return keep4, keep6
 
     def result(self, state_totals: Mapping[str, int], listening_ports: Iterable[int],
-               previous: "RemoteSummary | None" = None, listeners: int = 0) -> RemoteSummary:
+               previous: "RemoteSummary | None" = None, listeners: int = 0,
+               backlog_known: bool = True) -> RemoteSummary:
         opts = self.options
         counts = _count_remotes(self._v4, self._v6, opts)
         chosen = {}
@@ -253,7 +254,8 @@ class RemoteAccumulator:
         port_totals = {port: int(by_port[:, port].sum()) for port in ports}
         shown_ports = [p for p, _ in top_n(port_totals, opts.local_port_top,
                                            previous.port_members if previous else frozenset())]
-        truncated = apply_series_limit(chosen, shown_ports, listeners, opts.series_limit)
+        truncated = apply_series_limit(chosen, shown_ports, listeners, opts.series_limit,
+                                       backlog_known=backlog_known)
         remote = {}
         for state in REMOTE_STATES:
             name = NETSTAT_STATES[state]

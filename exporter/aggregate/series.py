@@ -12,19 +12,28 @@ SERIES_LIMITED = ("netstat_tcp_remote_connections", "netstat_tcp_local_port_conn
 MIN_SERIES_LIMIT = 2 * len(REMOTE_STATES) + len(PORT_STATES)
 
 
+def listener_series(backlog_known: bool) -> tuple[str, ...]:
+    """The series one listener makes: its queue length always, its backlog only when the
+    source reports one (sock_diag does; /proc/net/tcp does not, and no backlog is exported)."""
+    if backlog_known:
+        return ("netstat_tcp_listen_queue_length", "netstat_tcp_listen_backlog")
+    return ("netstat_tcp_listen_queue_length",)
+
+
 def apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listeners: int,
-                       limit: int) -> dict[str, int]:
+                       limit: int, *, backlog_known: bool) -> dict[str, int]:
     """Trim labelled series until they fit in `limit`; return the series cut per metric.
 
     Cut first: remote entries, smallest count first (one series each; their connections
     fold into OTHER, so sums stay exact); then ports, smallest first (one series per state,
-    folded into OTHER); then listeners, emptiest first (a queue-length and a backlog series
-    each; still counted in netstat_tcp_listeners). OTHER/EXCLUDED series are never cut.
+    folded into OTHER); then listeners, emptiest first (listener_series each; still counted
+    in netstat_tcp_listeners). OTHER/EXCLUDED series are never cut.
     Mutates `chosen` and `shown_ports`.
     """
     per_port = len(PORT_STATES)
+    per_listener = listener_series(backlog_known)
     used = (MIN_SERIES_LIMIT + sum(len(v) for v in chosen.values())
-            + per_port * len(shown_ports) + 2 * listeners)
+            + per_port * len(shown_ports) + len(per_listener) * listeners)
     truncated = dict.fromkeys(SERIES_LIMITED, 0)
     entries = sorted(((count, name, key) for name, items in chosen.items() for key, count in items),
                      key=lambda e: (e[0], e[2]))
@@ -40,7 +49,7 @@ def apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listener
         truncated["netstat_tcp_local_port_connections"] += per_port
     while used > limit and listeners:
         listeners -= 1
-        used -= 2
-        truncated["netstat_tcp_listen_queue_length"] += 1
-        truncated["netstat_tcp_listen_backlog"] += 1
+        used -= len(per_listener)
+        for metric in per_listener:
+            truncated[metric] += 1
     return truncated

@@ -89,7 +89,7 @@ class TcpAccumulator:
         if self._remote is not None:
             remote = self._remote.result(state_totals(connections),
                                          {key[2] for key in self._listeners},
-                                         self._previous, shown)
+                                         self._previous, shown, self.backlog_known)
             shown -= remote.truncated["netstat_tcp_listen_queue_length"]
         listeners = tuple(
             Listener(family=FAMILY_NAMES[fam],
