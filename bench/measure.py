@@ -18,7 +18,7 @@ import sys
 import time
 
 from exporter.aggregate import RemoteOptions
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import sockdiag
 from exporter.sources.table import ALL_STATES_MASK
@@ -55,8 +55,7 @@ def main() -> None:
         return programs(reps)
     # The foundation's sample as issue 2 defines it: TCP states, queues, listeners and UDP
     # (the same three dumps as the floor), plus rendering /metrics.
-    sampler = Sampler(SocketReader("netlink"), listen_limit=100)
-    sampler._sources = {k: v for k, v in sampler._sources.items() if k in ("tcp", "udp")}
+    sampler = Sampler(SocketReader("netlink"), listen_limit=100, collectors=["tcp", "udp"])
     # Everything the exporter does by default: also per-remote/per-port counts, netstat -s,
     # sockstat, interfaces, conntrack.
     default = Sampler(SocketReader("netlink"), remote=RemoteOptions())
@@ -124,8 +123,9 @@ def remote(mode: str, reps: int) -> None:
 
 def programs(reps: int) -> None:
     """The default sample against the same sample with netstat -p attribution, alternating."""
-    plain = Sampler(SocketReader("netlink"), remote=RemoteOptions())
-    owned = Sampler(SocketReader("netlink"), remote=RemoteOptions(), programs=20)
+    plain = Sampler(SocketReader("netlink"), remote=RemoteOptions(), collectors=["tcp", "udp"])
+    owned = Sampler(SocketReader("netlink"), remote=RemoteOptions(), programs=20,
+                    collectors=["processes", "tcp", "udp"])
     plain.sample_once()
     owned.sample_once()
     base, extended = [], []

@@ -16,14 +16,13 @@ import urllib.error
 import urllib.request
 
 from . import __version__, config, webconfig
-from .collectors import build_registry
-from .collectors.snmp import GAUGES
-from .aggregate import REMOTE_STATES
-from .sampler import COLLECTORS, Sampler, SocketReader
-from .sources import routes
-from .sources.table import STATE_BY_NAME
+from .aggregate import RemoteOptions
 from .pages import Pages
+from .sampler import Sampler
 from .server import HttpServer, Limits
+from .sources.sockets import SocketReader
+from .sources.table import STATE_BY_NAME
+from .views import DEFAULTS, VIEWS, build_registry
 
 log = logging.getLogger("netstat_exporter")
 
@@ -47,12 +46,27 @@ def _common_flags(parser: argparse.ArgumentParser, flags) -> None:
             parser.add_argument(flag, dest=flag, metavar="VALUE", help=help_text)
 
 
+def _view_switches(parser: argparse.ArgumentParser) -> None:
+    """--collector.NAME / --no-collector.NAME for every registered view."""
+    group = parser.add_argument_group("views (collectors)")
+    for view in VIEWS:
+        flag = config.toggle_flag(view.name)
+        state = "on" if view.default else "off"
+        group.add_argument(flag, dest=flag, action="store_const", const="true",
+                           help=f"{view.help} (default {state}; needs {view.privileges})")
+        group.add_argument(f"--no-{flag[2:]}", dest=flag, action="store_const", const="false",
+                           help=argparse.SUPPRESS)
+
+
 def _serve_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="netstat-exporter",
                      description="Serve TCP/UDP socket-table metrics for Prometheus. "
-                                 "Run 'netstat-exporter snapshot --help' for the table view.")
+                                 "Run 'netstat-exporter snapshot --help' for the table view. "
+                                 "Every view is switched with --collector.NAME and "
+                                 "--no-collector.NAME.")
     parser.add_argument("--version", action="version", version=f"netstat-exporter {__version__}")
     _common_flags(parser, config.OPTIONS)
+    _view_switches(parser)
     return parser
 
 
@@ -63,25 +77,12 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--watch", metavar="SECONDS", type=float,
                         help="print again every SECONDS, like netstat -c")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-    # one view at a time, as with netstat's own -s / -r / -g / -i
-    views = parser.add_mutually_exclusive_group()
-    views.add_argument("-s", "--statistics", action="store_true",
-                        help="print the protocol statistics grouped like netstat -s (with "
-                             "--watch, counters show their rate)")
-    views.add_argument("-l", "--listening", action="store_true",
-                        help="print listening TCP sockets with their accept queues, like "
-                             "netstat -tln (Recv-Q: waiting connections, Send-Q: backlog)")
-    views.add_argument("-u", "--udp", action="store_true",
-                        help="print UDP socket counts and queued bytes per family")
-    views.add_argument("-r", "--route", action="store_true",
-                        help="print the routing tables, like netstat -rn")
-    views.add_argument("-g", "--groups", action="store_true",
-                        help="print multicast group memberships, like netstat -gn")
-    views.add_argument("-i", "--interfaces", action="store_true",
-                        help="print interface counters, like netstat -i")
-    views.add_argument("-p", "--programs", action="store_true",
-                        help="print TCP sockets per owning program and state, like netstat -p "
-                             "(root, or CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, sees every process)")
+    # one table at a time, as with netstat's own -s / -r / -g / -i
+    tables = parser.add_mutually_exclusive_group()
+    for table in TABLES:
+        if table.flag:
+            tables.add_argument(table.flag, table.long, dest=f"table{table.flag}",
+                                action="store_true", help=table.help)
     parser.add_argument("--top", metavar="N", type=int,
                         help="print the N remote addresses with most connections instead, "
                              "like ... | sort | uniq -c | sort -nr | head -n N")
@@ -94,10 +95,14 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TABLES = tuple(table for view in VIEWS for table in view.tables)
+TABLES_DEFAULT = next(table for table in TABLES if table.flag is None)
+
+
 def _build_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> config.Config:
     flags = {k: v for k, v in vars(args).items() if k.startswith("--")}
     try:
-        return config.build(flags, os.environ)
+        return config.build(flags, os.environ, DEFAULTS)
     except config.ConfigError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
@@ -107,17 +112,24 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s level=%(levelname)s source=%(name)s msg=%(message)s")
 
 
-def _sampler(cfg: config.Config, interval: float, only: tuple[str, ...] | None = None) -> Sampler:
-    if cfg.remote_mask and not cfg.remote_mask_key:
-        log.warning("--remote.mask without NETSTAT_EXPORTER_REMOTE_MASK_KEY: using a random "
-                    "key, so masked addresses change when the exporter restarts")
-    reader = SocketReader(cfg.socket_source, cfg.procfs)
-    collectors = [name for name in (only or COLLECTORS) if name not in cfg.disabled]
-    return Sampler(reader, interval=interval, listen_limit=cfg.listen_limit,
-                   peak_window=cfg.peak_window, remote=cfg.remote_options(os.urandom(16)),
-                   programs=cfg.processes_top if cfg.processes else None,
-                   collectors=collectors + (["netns"] if cfg.netns and only is None else []),
-                   namespaces=cfg.netns_top if cfg.netns and only is None else None)
+def _remote_options(cfg: config.Config) -> RemoteOptions:
+    mask_key = None
+    if cfg.remote_mask:
+        if not cfg.remote_mask_key:
+            log.warning("--remote.mask without NETSTAT_EXPORTER_REMOTE_MASK_KEY: using a random "
+                        "key, so masked addresses change when the exporter restarts")
+        mask_key = cfg.remote_mask_key.encode() or os.urandom(16)
+    return RemoteOptions(
+        top=cfg.remote_top, prefix_v4=cfg.remote_prefix_v4, prefix_v6=cfg.remote_prefix_v6,
+        include=cfg.remote_include, exclude=cfg.remote_exclude, mask_key=mask_key,
+        local_port_top=cfg.local_port_top, series_limit=cfg.series_limit)
+
+
+def _sampler(cfg: config.Config, interval: float, views: frozenset[str]) -> Sampler:
+    return Sampler(SocketReader(cfg.socket_source, cfg.procfs), interval=interval,
+                   listen_limit=cfg.listen_limit, peak_window=cfg.peak_window,
+                   remote=_remote_options(cfg), programs=cfg.processes_top,
+                   namespaces=cfg.netns_top, collectors=views, views=VIEWS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,9 +208,11 @@ def serve_main(cfg: config.Config) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    sampler = _sampler(cfg, cfg.sample_interval)
+    sampler = _sampler(cfg, cfg.sample_interval, cfg.collectors)
     host, port = cfg.listen
-    pages = Pages(lambda get_snapshot: build_registry(get_snapshot, __version__, cfg.snmp_fields),
+    views = tuple(view for view in VIEWS if cfg.enabled(view.name))
+    pages = Pages(lambda get_snapshot: build_registry(get_snapshot, __version__, cfg.snmp_fields,
+                                                      views),
                   lambda: sampler.snapshot, cfg.telemetry_path, __version__)
     limits = Limits(max_connections=cfg.max_connections, max_requests=cfg.max_requests,
                     header_timeout=cfg.read_header_timeout, idle_timeout=cfg.idle_timeout)
@@ -228,190 +242,39 @@ def snapshot_main(argv: list[str]) -> int:
         parser.error(f"--watch: must be a positive number of seconds, got {args.watch}")
     if args.top is not None and args.top < 1:
         parser.error(f"--top: must be at least 1, got {args.top}")
-    view = next((flag for flag, on in (("-s", args.statistics), ("-l", args.listening),
-                                        ("-u", args.udp), ("-r", args.route), ("-g", args.groups),
-                                        ("-i", args.interfaces), ("-p", args.programs)) if on), None)
-    if view and (args.top is not None or args.state):
-        parser.error(f"{view}: not allowed with --top or --state (those list remote addresses)")
-    cfg = _build_config(args, parser)
-    if args.programs:
-        cfg = dataclasses.replace(cfg, processes=True, processes_top=1 << 30)
+    table = next((t for t in TABLES if t.flag and getattr(args, f"table{t.flag}")),
+                 TABLES_DEFAULT)
+    if table.flag and (args.top is not None or args.state):
+        parser.error(f"{table.flag}: not allowed with --top or --state (those list remote "
+                     f"addresses)")
     if args.state and "LISTEN" in args.state:
         parser.error("--state: LISTEN sockets have no remote address")
+    cfg = _build_config(args, parser)
     _setup_logging(cfg.log_level)
-    needed = ("snmp" if args.statistics else "routes" if args.route else "multicast"
-              if args.groups else "interfaces" if args.interfaces else "udp" if args.udp
-              else "tcp")
-    # read only what this view prints (and UDP for the JSON of the default view)
-    only = (needed, "udp") if needed == "tcp" and args.json else (needed,)
-    if needed in cfg.disabled:
-        parser.error(f"the {needed} collector is disabled (--collector.disable)")
-    sampler = _sampler(cfg, args.watch or cfg.sample_interval, only)
+    # read only what this table prints
+    needed = set(table.needs) | (set(table.json_needs) if args.json else set())
+    disabled = sorted(name for name in table.needs if name in cfg.disabled)
+    if disabled:
+        parser.error(f"the {disabled[0]} collector is disabled (--collector.disable)")
+    cfg = dataclasses.replace(cfg, **dict(table.options))
+    sampler = _sampler(cfg, args.watch or cfg.sample_interval, frozenset(needed))
+    args.mask_key = sampler.remote.mask_key
     previous = None
     try:
         while True:
             snapshot = sampler.sample_once()
-            result = snapshot.results[needed]
-            if not result.ok:
-                print(f"netstat-exporter: error: reading {needed}: {result.error}", file=sys.stderr)
-                return 1
+            for name in table.needs:
+                result = snapshot.results[name]
+                if not result.ok:
+                    print(f"netstat-exporter: error: reading {name}: {result.error}",
+                          file=sys.stderr)
+                    return 1
             if args.watch:
                 print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))}")
-            if args.statistics:
-                print(_render_statistics(snapshot, previous, args.json), flush=True)
-                previous = snapshot
-            elif args.listening:
-                print(_render_listeners(snapshot.results["tcp"].data, args.json), flush=True)
-            elif args.udp:
-                print(_render_udp(snapshot, args.json), flush=True)
-            elif args.route or args.groups or args.interfaces:
-                print(TABLES[needed](result.data, args.json), flush=True)
-            elif args.programs:
-                print(_render_programs(snapshot, args.json), flush=True)
-            elif args.top is not None or args.state:
-                print(_render_remotes(snapshot, args, sampler.remote.mask_key), flush=True)
-            else:
-                print(_render(snapshot, args.json), flush=True)
+            print(table.render(snapshot, args, previous), flush=True)
+            previous = snapshot
             if not args.watch:
                 return 0
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
-
-
-def _render(snapshot, as_json: bool) -> str:
-    tcp = snapshot.results["tcp"].data
-    totals = tcp.state_totals()
-    if as_json:
-        udp = snapshot.results.get("udp")
-        document = {
-            "taken_at": snapshot.taken_at,
-            "tcp": {"states": totals,
-                    "by_family": _nest(tcp.connections),
-                    "listeners": [vars(lst) for lst in tcp.listeners]},
-            "udp": _nest(udp.data.sockets) if udp is not None and udp.ok else None,
-            "sources": dict(snapshot.socket_sources),
-        }
-        return json.dumps(document, sort_keys=True)
-    # The seed's recipe prints the states present, one "STATE count" per line.
-    present = sorted(((n, s) for s, n in totals.items() if n), key=lambda p: (-p[0], p[1]))
-    return "\n".join(f"{state} {count}" for count, state in present)
-
-
-def _render_remotes(snapshot, args, mask_key: bytes | None) -> str:
-    """The seed's recipes 1-3: remote addresses by connection count, most first."""
-    counts = snapshot.results["tcp"].data.remote.counts
-    states = [STATE_BY_NAME[s] for s in args.state] if args.state else list(REMOTE_STATES)
-    top = counts.top(states, args.top if args.top is not None else 1 << 62)
-    rows = [(count, key.text(mask_key)) for key, count in top]
-    if args.json:
-        return json.dumps([{"count": c, "remote": r} for c, r in rows])
-    # `uniq -c` prints the count right-aligned in seven columns
-    return "\n".join(f"{count:7d} {remote}" for count, remote in rows)
-
-
-def _render_programs(snapshot, as_json: bool) -> str:
-    """netstat -p, counted: "count program state", most first."""
-    counts = snapshot.results["tcp"].data.programs.connections
-    rows = sorted(((n, program, state) for (state, program), n in counts.items() if n),
-                  key=lambda r: (-r[0], r[1], r[2]))
-    if as_json:
-        return json.dumps([{"count": n, "program": p, "state": s} for n, p, s in rows])
-    return "\n".join(f"{n:7d} {program} {state}" for n, program, state in rows)
-
-
-def _render_listeners(tcp, as_json: bool) -> str:
-    if as_json:
-        return json.dumps([vars(listener) for listener in tcp.listeners])
-    lines = [f"{'Recv-Q':>6} {'Send-Q':>6} Local Address"]
-    for lst in sorted(tcp.listeners, key=lambda l: (l.port, l.family, l.address)):
-        backlog = "-" if lst.backlog is None else lst.backlog
-        address = f"[{lst.address}]" if ":" in lst.address else lst.address
-        lines.append(f"{lst.queue_length:>6} {backlog:>6} {address}:{lst.port}")
-    if tcp.listeners_total > len(tcp.listeners):
-        lines.append(f"# {tcp.listeners_total - len(tcp.listeners)} more (--listen.limit)")
-    return "\n".join(lines)
-
-
-def _render_udp(snapshot, as_json: bool) -> str:
-    udp = snapshot.results["udp"]
-    if not udp.ok:
-        return f"# udp: {udp.error}"
-    if as_json:
-        return json.dumps({"sockets": _nest(udp.data.sockets), "queue_bytes": _nest(udp.data.queue_bytes)})
-    lines = []
-    for (family, state), count in udp.data.sockets.items():
-        lines.append(f"{family} {state} {count}")
-    for (family, queue), size in udp.data.queue_bytes.items():
-        lines.append(f"{family} {queue}_queue_bytes {size}")
-    return "\n".join(lines)
-
-
-def _route_flags(route) -> str:
-    return "".join(letter for bit, letter in ((routes.RTF_UP, "U"), (routes.RTF_GATEWAY, "G"),
-                                              (routes.RTF_HOST, "H"), (routes.RTF_REJECT, "!"))
-                   if route.flags & bit)
-
-
-def _render_routes(table, as_json: bool) -> str:
-    rows = [(f"{r.destination}/{r.prefix}", r.gateway, _route_flags(r), r.metric, r.device)
-            for r in table]
-    if as_json:
-        return json.dumps([dict(zip(("destination", "gateway", "flags", "metric", "iface"), row))
-                           for row in rows])
-    lines = [f"{'Destination':<32} {'Gateway':<26} {'Flags':<5} {'Metric':>10} Iface"]
-    lines += [f"{d:<32} {g:<26} {f:<5} {m:>10} {i}" for d, g, f, m, i in rows]
-    return "\n".join(lines)
-
-
-def _render_groups(table, as_json: bool) -> str:
-    if as_json:
-        return json.dumps([{"interface": m.device, "refcnt": m.users, "group": m.group}
-                           for m in table])
-    lines = [f"{'Interface':<15} {'RefCnt':>6} Group"]
-    lines += [f"{m.device:<15} {m.users:>6} {m.group}" for m in table]
-    return "\n".join(lines)
-
-
-def _render_interfaces(table, as_json: bool) -> str:
-    if as_json:
-        return json.dumps(table)
-    columns = (("RX-OK", "receive_packets"), ("RX-ERR", "receive_errors"),
-               ("RX-DRP", "receive_drops"), ("RX-OVR", "receive_fifo_errors"),
-               ("TX-OK", "transmit_packets"), ("TX-ERR", "transmit_errors"),
-               ("TX-DRP", "transmit_drops"), ("TX-OVR", "transmit_fifo_errors"))
-    lines = [f"{'Iface':<15}" + "".join(f" {title:>10}" for title, _ in columns)]
-    for device, counters in sorted(table.items()):
-        lines.append(f"{device:<15}" + "".join(f" {counters[key]:>10}" for _, key in columns))
-    return "\n".join(lines)
-
-
-TABLES = {"routes": _render_routes, "multicast": _render_groups,
-          "interfaces": _render_interfaces}
-
-
-def _render_statistics(snapshot, previous, as_json: bool) -> str:
-    """netstat -s: one block per group, one field per line; with a previous snapshot,
-    counters also show their rate since then."""
-    stats = snapshot.results["snmp"].data
-    before = previous.results["snmp"].data if previous and previous.results["snmp"].ok else None
-    elapsed = snapshot.monotonic - previous.monotonic if previous else 0.0
-    if as_json:
-        return json.dumps(stats)
-    lines = []
-    for group, fields in stats.items():
-        lines.append(f"{group}:")
-        for field, value in fields.items():
-            line = f"    {field} {value}"
-            old = (before or {}).get(group, {}).get(field)
-            if old is not None and elapsed > 0 and (group, field) not in GAUGES:
-                line += f" ({(value - old) / elapsed:+.1f}/s)"
-            lines.append(line)
-    return "\n".join(lines)
-
-
-def _nest(pairs) -> dict:
-    out: dict = {}
-    for (outer, inner), value in pairs.items():
-        out.setdefault(outer, {})[inner] = value
-    return out

@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
-from .aggregate import MIN_SERIES_LIMIT, RemoteOptions
-from .sampler import COLLECTORS, SOURCE_MODES
+# config imports nothing from the engine: the view names come from the caller (build()'s
+# `views`), and these two constants are checked against the engine's by a test.
+SOURCE_MODES = ("auto", "netlink", "proc")
+# Two series per remote state and one per port state must always fit (their "other" rows).
+MIN_SERIES_LIMIT = 28
 
 ENV_PREFIX = "NETSTAT_EXPORTER_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -53,23 +56,13 @@ class Config:
     local_port_top: int = 50
     series_limit: int = 2000
     snmp_fields: re.Pattern | None = None
-    processes: bool = False
-    netns: bool = False
     netns_top: int = 20
-    disabled: tuple = ()  # collectors switched off by --collector.disable
+    disabled: tuple = ()  # views switched off by --collector.disable
     processes_top: int = 20
+    collectors: frozenset = frozenset()  # the views to read, after every switch
 
-    def remote_options(self, fallback_key: bytes = b"") -> RemoteOptions:
-        """fallback_key hashes addresses when --remote.mask is on but no key was configured
-        (the caller makes a random one, so hashes are stable only until a restart)."""
-        mask_key = None
-        if self.remote_mask:
-            mask_key = self.remote_mask_key.encode() or fallback_key
-        return RemoteOptions(
-            top=self.remote_top, prefix_v4=self.remote_prefix_v4,
-            prefix_v6=self.remote_prefix_v6, include=self.remote_include,
-            exclude=self.remote_exclude, mask_key=mask_key,
-            local_port_top=self.local_port_top, series_limit=self.series_limit)
+    def enabled(self, view: str) -> bool:
+        return view in self.collectors
 
     @property
     def listen(self) -> tuple[str, int]:
@@ -129,13 +122,9 @@ def _networks(text: str) -> tuple:
     return tuple(networks)
 
 
-def _collectors(text: str) -> tuple:
-    """"routes, multicast" -> ("routes", "multicast"); names checked against COLLECTORS."""
-    names = tuple(filter(None, (part.strip() for part in text.split(","))))
-    unknown = [name for name in names if name not in COLLECTORS]
-    if unknown:
-        raise ValueError(f"unknown collector {unknown[0]!r} (known: {', '.join(COLLECTORS)})")
-    return names
+def _names(text: str) -> tuple:
+    """"a, b" -> ("a", "b"); the names are checked against the views in build()."""
+    return tuple(filter(None, (part.strip() for part in text.split(","))))
 
 
 def _boolean(text: str) -> bool:
@@ -232,16 +221,11 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                          "listening ports with their own series (default 50)"),
     "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT),
                        "hard cap on remote, local-port and listener series together (default 2000)"),
-    "--collector.disable": ("disabled", _collectors,
-                            f"comma-separated collectors to switch off ({', '.join(COLLECTORS)})"),
-    "--collector.netns": ("netns", _boolean,
-                          "count TCP states in every other network namespace (containers, "
-                          "ip netns); needs CAP_SYS_ADMIN and CAP_SYS_PTRACE"),
+    "--collector.disable": ("disabled", _names,
+                            "comma-separated views to switch off, like --no-collector.NAME "
+                            "for each"),
     "--collector.netns.top": ("netns_top", _count(0),
                               "namespaces with their own series (default 20)"),
-    "--collector.processes": ("processes", _boolean,
-                              "attribute sockets to programs like netstat -p (walks /proc/PID/fd; "
-                              "needs CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH for other users)"),
     "--collector.processes.top": ("processes_top", _count(0),
                                   "programs with their own series (default 20)"),
     "--collector.snmp.fields": ("snmp_fields", _regex,
@@ -250,7 +234,13 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
 }
 
 # Flags that take no value on the command line.
-SWITCHES = ("--remote.mask", "--collector.processes", "--collector.netns")
+SWITCHES = ("--remote.mask",)
+
+
+def toggle_flag(view: str) -> str:
+    """Every view is switched the same way: --collector.NAME / --no-collector.NAME, or
+    NETSTAT_EXPORTER_COLLECTOR_NAME=true|false."""
+    return f"--collector.{view}"
 
 
 def env_name(flag: str) -> str:
@@ -258,19 +248,42 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace(".", "_").replace("-", "_").upper()
 
 
-def build(flags: Mapping[str, str | None], env: Mapping[str, str]) -> Config:
-    """flags: flag -> raw value or None (not given). Raises ConfigError with every problem."""
+def build(flags: Mapping[str, str | None], env: Mapping[str, str],
+          views: Mapping[str, bool] = {}) -> Config:
+    """flags: flag -> raw value or None (not given); views: view name -> on by default.
+    Raises ConfigError with every problem."""
     values, errors = {}, []
     for flag, (field, parse, _help) in OPTIONS.items():
-        raw, origin = flags.get(flag), flag
-        if raw is None and env_name(flag) in env:
-            raw, origin = env[env_name(flag)], env_name(flag)
+        raw, origin = _raw(flag, flags, env)
         if raw is None:
             continue
         try:
             values[field] = parse(raw)
         except ValueError as exc:
             errors.append(f"{origin}: {exc}")
+    enabled = {name for name, default in views.items() if default}
+    for name in views:
+        raw, origin = _raw(toggle_flag(name), flags, env)
+        if raw is None:
+            continue
+        try:
+            (enabled.add if _boolean(raw) else enabled.discard)(name)
+        except ValueError as exc:
+            errors.append(f"{origin}: {exc}")
+    for name in values.get("disabled", ()):
+        if name not in views:
+            errors.append(f"--collector.disable: unknown collector {name!r} (known: "
+                          f"{', '.join(views)})")
+        enabled.discard(name)
     if errors:
         raise ConfigError(errors)
-    return dataclasses.replace(Config(), **values)
+    return dataclasses.replace(Config(), **values, collectors=frozenset(enabled))
+
+
+def _raw(flag: str, flags: Mapping[str, str | None], env: Mapping[str, str]):
+    """(raw value, where it came from): the flag wins over its environment variable."""
+    if flags.get(flag) is not None:
+        return flags[flag], flag
+    if env_name(flag) in env:
+        return env[env_name(flag)], env_name(flag)
+    return None, flag

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import proc_sockets, sockdiag
 from exporter.sources.table import NETSTAT_STATES, SocketTable, TcpState

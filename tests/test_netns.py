@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from exporter.aggregate import OTHER, summarize_namespaces
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources.table import NETSTAT_STATES
 from tests.kernel import connect_pair, listener, wait_for

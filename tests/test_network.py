@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.collectors.network import InterfacesCollector
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import interfaces
@@ -15,8 +15,8 @@ PROC = Path(__file__).parent / "fixtures" / "kernels" / "linux-6.18" / "proc"
 
 
 def sample(procfs):
-    sampler = Sampler(SocketReader("proc", procfs=str(procfs)))
-    sampler._sources = {k: v for k, v in sampler._sources.items() if k in ("interfaces", "conntrack")}
+    sampler = Sampler(SocketReader("proc", procfs=str(procfs)),
+                      collectors=["interfaces", "conntrack"])
     snapshot = sampler.sample_once()
     return snapshot, build_registry(lambda: snapshot, "t").get_sample_value
 
@@ -67,6 +67,6 @@ def test_interface_cap():
     lines = ["Inter-|\n", " face |\n"] + [f"d{i:03d}: " + "1 " * 16 + "\n" for i in range(5)]
     devices = interfaces.parse(lines)
     snapshot = type("S", (), {"results": {"interfaces": type("R", (), {"ok": True, "data": devices})()}})()
-    families = list(InterfacesCollector(lambda: snapshot, limit=3).collect())
+    families = list(InterfacesCollector(limit=3).collect(snapshot, devices))
     assert families[0].samples[0].value == 5
     assert {s.labels["device"] for s in families[1].samples} == {"d000", "d001", "d002"}

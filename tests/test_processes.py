@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter.aggregate import NO_PROGRAM, UNKNOWN_PROGRAM, TcpAccumulator
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import processes
 from exporter.sources.table import NETSTAT_STATES, SocketTable
@@ -104,7 +104,8 @@ def test_close_wait_is_attributed_to_the_leaking_program(netns):
         wait_for(lambda: netns.ss_state_counts() == {"LISTEN": 1, "CLOSE_WAIT": 3, "FIN_WAIT2": 3},
                  what="CLOSE_WAIT here and FIN_WAIT2 on the closed side")
         with netns.entered():
-            sampler = Sampler(SocketReader("netlink"), programs=20)
+            sampler = Sampler(SocketReader("netlink"), programs=20,
+                              collectors=["processes", "tcp"])
             snapshot = sampler.sample_once()
         get = build_registry(lambda: snapshot, "t").get_sample_value
         assert get("netstat_process_connections", {"program": "cw-leaker", "state": "CLOSE_WAIT"}) == 3

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from exporter.aggregate import REMOTE_STATES, RemoteOptions
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources.table import NETSTAT_STATES
 from tests.conftest import new_netns

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import multicast, routes
 from tests.kernel import veth_pair
@@ -86,8 +86,7 @@ def test_routes_and_groups_live(netns_factory):
 
 def test_missing_route_table_fails_and_ipv6_is_optional(tmp_path):
     (tmp_path / "net").mkdir()
-    sampler = Sampler(SocketReader("proc", procfs=str(tmp_path)))
-    sampler._sources = {k: v for k, v in sampler._sources.items() if k in ("routes", "multicast")}
+    sampler = Sampler(SocketReader("proc", procfs=str(tmp_path)), collectors=["routes", "multicast"])
     snapshot = sampler.sample_once()
     assert not snapshot.results["routes"].ok and not snapshot.results["multicast"].ok
     (tmp_path / "net" / "route").write_text("Iface\tDestination\n")

@@ -1,6 +1,7 @@
 """The sampling loop: fallback when netlink is refused, failure isolation, stretching."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import socket
@@ -9,8 +10,9 @@ import threading
 import pytest
 
 from exporter import aggregate
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
+from exporter.views import BY_NAME
 from exporter.sources.table import SocketTable, TcpState, parse_address
 from tests.test_proc_sockets import FIXTURES
 
@@ -101,7 +103,7 @@ def test_interrupted_dump_is_retried_from_scratch():
 
 
 def aggregate_tcp(reader):
-    from exporter.sampler import read_tcp
+    from exporter.views import read_tcp
     return read_tcp(reader, listen_limit=10)
 
 
@@ -116,13 +118,12 @@ class FakeClock:
 def test_slow_samples_stretch_the_interval_and_recover(caplog):
     clock = FakeClock()
     cost = {"seconds": 0.0}
-    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), interval=5.0, clock=clock)
-
-    def slow():
+    def slow(_ctx):
         clock.now += cost["seconds"]
         return aggregate.TcpAccumulator().result()
 
-    sampler._sources = {"tcp": slow}
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), interval=5.0, clock=clock,
+                      views=(dataclasses.replace(BY_NAME["tcp"], read=slow),))
     cost["seconds"] = 0.5  # a tenth of the interval: fine
     assert sampler.sample_once().effective_interval == 5.0
     cost["seconds"] = 2.0  # 40% of the interval: stretch to 5x the cost
@@ -137,10 +138,9 @@ def test_slow_samples_stretch_the_interval_and_recover(caplog):
 
 def test_peak_window_keeps_the_largest_count_then_forgets_it():
     clock = FakeClock()
-    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), peak_window=60, clock=clock)
     sizes = iter([10, 3, 4])
 
-    def tcp():
+    def tcp(_ctx):
         acc = aggregate.TcpAccumulator()
         n = next(sizes)
         acc.add(SocketTable.from_columns({
@@ -150,7 +150,8 @@ def test_peak_window_keeps_the_largest_count_then_forgets_it():
             "recv_q": [0] * n, "send_q": [0] * n, "inode": [0] * n, "uid": [0] * n}))
         return acc.result()
 
-    sampler._sources = {"tcp": tcp}
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), peak_window=60, clock=clock,
+                      views=(dataclasses.replace(BY_NAME["tcp"], read=tcp),))
     assert sampler.sample_once().peaks["CLOSE_WAIT"] == 10
     clock.now += 30
     assert sampler.sample_once().peaks["CLOSE_WAIT"] == 10
@@ -205,9 +206,12 @@ def test_disabled_collectors_are_not_read_or_reported(tmp_path):
         Sampler(SocketReader("proc"), collectors=["tcp", "nope"])
 
 
-def test_the_collector_names_config_accepts_are_the_sampler_sources():
-    from exporter.sampler import COLLECTORS
-    assert tuple(Sampler(SocketReader("proc"))._sources) == COLLECTORS
+def test_config_constants_are_the_engines():
+    # config.py imports nothing from the engine; these copies must not drift
+    from exporter import config
+    from exporter.aggregate import MIN_SERIES_LIMIT
+    from exporter.sources.sockets import SOURCE_MODES
+    assert config.SOURCE_MODES == SOURCE_MODES and config.MIN_SERIES_LIMIT == MIN_SERIES_LIMIT
 
 
 def out_of_descriptors(*_args, **_kwargs):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client import generate_latest
 
-from exporter.collectors import build_registry
+from exporter.views import build_registry
 from exporter.collectors.snmp import GAUGES, metric_for, snake
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import snmp, sockstat
@@ -26,8 +26,7 @@ UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 
 
 def sample(procfs):
-    sampler = Sampler(SocketReader("proc", procfs=str(procfs)))
-    sampler._sources = {k: v for k, v in sampler._sources.items() if k in ("snmp", "sockstat")}
+    sampler = Sampler(SocketReader("proc", procfs=str(procfs)), collectors=["snmp", "sockstat"])
     return sampler.sample_once()
 
 

@@ -1,25 +1,27 @@
-"""prometheus_client collectors, one per metric group. They read the latest snapshot through
-a get_snapshot() callable and only translate it; none of them touches the kernel."""
+"""prometheus_client collectors, one per view. Each translates its view's data from one
+snapshot (collect(snapshot, data)); none touches the kernel, none fetches a snapshot itself."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
-
 from .exporter import ExporterCollector
-from .network import (ConntrackCollector, InterfacesCollector, MulticastCollector,
-                      NetnsCollector, RoutesCollector)
-from .snmp import SnmpCollector, SockstatCollector
-from .tcp import TcpCollector
-from .udp import UdpCollector
 
 
-def build_registry(get_snapshot, version: str, snmp_fields=None) -> CollectorRegistry:
-    """snmp_fields: a compiled regex limiting the netstat -s fields ("TcpExt_ListenOverflows")."""
-    registry = CollectorRegistry(auto_describe=True)
-    for collector in (TcpCollector(get_snapshot), UdpCollector(get_snapshot),
-                      SnmpCollector(get_snapshot, snmp_fields), SockstatCollector(get_snapshot),
-                      InterfacesCollector(get_snapshot), ConntrackCollector(get_snapshot),
-                      RoutesCollector(get_snapshot), MulticastCollector(get_snapshot),
-                      NetnsCollector(get_snapshot),
-                      ExporterCollector(get_snapshot, version)):
-        registry.register(collector)
-    return registry
+class ScrapeCollector:
+    """The one collector registered with prometheus_client: it takes the snapshot once per
+    scrape and hands it to every view's collector, so a scrape never mixes two samples.
+    A view whose last read failed yields nothing (its success metric says 0)."""
+
+    def __init__(self, get_snapshot, parts, version: str):
+        self.get_snapshot = get_snapshot
+        self.parts = tuple(parts)  # (view name, collector)
+        self.exporter = ExporterCollector(version)
+
+    def describe(self):
+        return []  # the families depend on the kernel (netstat -s fields, devices)
+
+    def collect(self):
+        snapshot = self.get_snapshot()
+        for name, part in self.parts:
+            result = snapshot.results.get(name) if snapshot is not None else None
+            if result is not None and result.ok:
+                yield from part.collect(snapshot, result.data)
+        yield from self.exporter.collect(snapshot)

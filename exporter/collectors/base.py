@@ -27,28 +27,3 @@ def gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Family
 
 def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Family:
     return Family("counter", name, documentation, labels)
-
-
-class SnapshotCollector:
-    """A collector over the latest snapshot. Subclasses list their metric families in
-    families() (fresh, empty ones each call) when the set is fixed, and fill them in collect()."""
-
-    def __init__(self, get_snapshot):
-        self.get_snapshot = get_snapshot
-
-    def families(self) -> tuple[Family, ...]:
-        return ()  # the set depends on the kernel (netstat -s fields, devices)
-
-    def describe(self):
-        return [f.metric for f in self.families()]
-
-
-def result_of(get_snapshot, name: str):
-    """The named source's data from the latest snapshot, or None when it failed."""
-    snapshot = get_snapshot()
-    if snapshot is None:
-        return None, None
-    result = snapshot.results.get(name)
-    if result is None or not result.ok:
-        return snapshot, None
-    return snapshot, result.data

@@ -5,21 +5,17 @@ from __future__ import annotations
 import collections
 
 from ..sources.table import FAMILY_NAMES
-from .base import SnapshotCollector, counter, gauge, result_of
+from .base import counter, gauge
 
 # Most devices with their own series: a host with thousands of veths still scrapes small.
 INTERFACE_LIMIT = 256
 
 
-class InterfacesCollector(SnapshotCollector):
-    def __init__(self, get_snapshot, limit: int = INTERFACE_LIMIT):
-        super().__init__(get_snapshot)
+class InterfacesCollector:
+    def __init__(self, limit: int = INTERFACE_LIMIT):
         self.limit = limit
 
-    def collect(self):
-        _snapshot, devices = result_of(self.get_snapshot, "interfaces")
-        if devices is None:
-            return
+    def collect(self, _snapshot, devices):
         total = gauge("interface_devices", "Network devices in /proc/net/dev; at most "
                       f"{self.limit} (by name) get per-device series.")
         total.add((), len(devices))
@@ -34,9 +30,8 @@ class InterfacesCollector(SnapshotCollector):
             yield family.metric
 
 
-class ConntrackCollector(SnapshotCollector):
-    def collect(self):
-        _snapshot, table = result_of(self.get_snapshot, "conntrack")
+class ConntrackCollector:
+    def collect(self, _snapshot, table):
         if table is None:  # nf_conntrack not loaded: nothing to report, nothing failed
             return
         yield gauge("conntrack_entries", "Connections in the netfilter conntrack table "
@@ -46,13 +41,10 @@ class ConntrackCollector(SnapshotCollector):
                         (), table.limit).metric
 
 
-class RoutesCollector(SnapshotCollector):
+class RoutesCollector:
     """netstat -r: routes per device, and the default routes."""
 
-    def collect(self):
-        _snapshot, routes = result_of(self.get_snapshot, "routes")
-        if routes is None:
-            return
+    def collect(self, _snapshot, routes):
         counts = gauge("routes", "Routes in the kernel's tables (IPv4 main table, all IPv6 "
                        "tables) per device.", ("family", "device"))
         defaults = gauge("route_default_info", "1 for each usable default route, labelled "
@@ -66,13 +58,10 @@ class RoutesCollector(SnapshotCollector):
         yield defaults.metric
 
 
-class MulticastCollector(SnapshotCollector):
+class MulticastCollector:
     """netstat -g: multicast groups joined per device."""
 
-    def collect(self):
-        _snapshot, memberships = result_of(self.get_snapshot, "multicast")
-        if memberships is None:
-            return
+    def collect(self, _snapshot, memberships):
         family = gauge("multicast_memberships", "Multicast groups joined, per device "
                        "(/proc/net/igmp, igmp6).", ("family", "device"))
         for key, count in _per_device(memberships):
@@ -86,13 +75,10 @@ def _per_device(items) -> list[tuple[tuple[str, str], int]]:
     return sorted(counts.items())[:INTERFACE_LIMIT]
 
 
-class NetnsCollector(SnapshotCollector):
+class NetnsCollector:
     """TCP states per network namespace (with --collector.netns)."""
 
-    def collect(self):
-        _snapshot, summary = result_of(self.get_snapshot, "netns")
-        if summary is None:
-            return
+    def collect(self, _snapshot, summary):
         connections = gauge("netns_tcp_connections", "TCP sockets per network namespace "
                             "(other than the exporter's own) and state: the top "
                             "--collector.netns.top namespaces, the rest in netns=\"other\".",

@@ -12,7 +12,7 @@ import re
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .base import PREFIX, SnapshotCollector, gauge, result_of
+from .base import PREFIX, gauge
 
 _ACRONYM = re.compile(r"([A-Z]+)([A-Z][a-z])")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
@@ -108,15 +108,11 @@ def metric_for(group: str, field: str) -> tuple[str, str, float]:
     return "counter", base, 1
 
 
-class SnmpCollector(SnapshotCollector):
-    def __init__(self, get_snapshot, fields: re.Pattern | None = None):
-        super().__init__(get_snapshot)
+class SnmpCollector:
+    def __init__(self, fields: re.Pattern | None = None):
         self.fields = fields  # fullmatch against "Group_Field" (TcpExt_ListenOverflows)
 
-    def collect(self):
-        _snapshot, stats = result_of(self.get_snapshot, "snmp")
-        if stats is None:
-            return
+    def collect(self, _snapshot, stats):
         seen = set()
         for group, fields in stats.items():
             for field, value in fields.items():
@@ -150,11 +146,8 @@ SOCKSTAT_KEYS = {
 }
 
 
-class SockstatCollector(SnapshotCollector):
-    def collect(self):
-        _snapshot, data = result_of(self.get_snapshot, "sockstat")
-        if data is None:
-            return
+class SockstatCollector:
+    def collect(self, _snapshot, data):
         families = {}
 
         def family(name, doc, labels=("protocol",)):

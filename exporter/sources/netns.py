@@ -9,8 +9,11 @@ import contextlib
 import ctypes
 import errno
 import os
+import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,3 +96,34 @@ def discover(procfs: str = "/proc", named_dirs=NAMED_DIRS) -> tuple[list[Namespa
         seen.add(inode)
         found.append(Namespace(f"pid:{pid}:{comm}", path, inode))
     return found, skipped
+
+
+def walk(procfs: str, read: Callable[[], T]) -> tuple[dict[str, T], int]:
+    """read() inside every other network namespace: ({name: result}, namespaces or processes
+    we may not look into). setns needs CAP_SYS_ADMIN; a namespace we may not enter, or that
+    vanishes meanwhile, is counted, not fatal.
+
+    The walk runs in a thread of its own: if returning from a namespace ever failed, only that
+    thread would be left in it, never the sampler that reads the host's sockets."""
+    found, unreadable = discover(procfs)
+    results: dict[str, T] = {}
+    failure: list[BaseException] = []
+
+    def run():
+        nonlocal unreadable
+        try:
+            for namespace in found:
+                try:
+                    with entered(namespace.path):
+                        results[namespace.name] = read()
+                except (PermissionError, FileNotFoundError, ProcessLookupError):
+                    unreadable += 1
+        except BaseException as exc:  # handed to the calling thread below
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="netns-walk", daemon=True)
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return results, unreadable

@@ -1,0 +1,204 @@
+"""Every netstat view the exporter knows, each registered once (in the way of node_exporter's
+registerCollector): its name, whether it is on by default, the privileges it needs, how it is
+read, its collector, its CLI tables and its own flags. The sampler, the server and the CLI
+iterate VIEWS and name none of them; adding a view is a source module, an entry here, and its
+tests.
+
+Readers run in the sampler thread and get the sampler as their context: its socket reader,
+options, the previous sample (top-N hysteresis) and the results read so far in this sample
+(views are read in the order listed, so `processes` is ready before `tcp` needs it).
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry
+
+from . import aggregate, tables
+from .collectors import ScrapeCollector, network, snmp as snmp_collectors, tcp as tcp_collectors
+from .collectors import udp as udp_collectors
+from .sources import (conntrack, interfaces, multicast, netns, processes, routes, snmp,
+                      sockdiag, sockstat)
+from .sources.sockets import SocketReader, note_missing
+
+
+@dataclass(frozen=True)
+class Table:
+    """A `netstat-exporter snapshot` view: its flag, and what it prints from a snapshot."""
+    flag: str | None  # "-s"; None for the default table
+    long: str | None  # "--statistics"
+    help: str
+    render: Callable[..., str]  # (snapshot, args, previous_snapshot) -> text
+    needs: tuple[str, ...]  # the views it prints from
+    json_needs: tuple[str, ...] = ()  # read as well for --json
+    options: tuple[tuple[str, Any], ...] = ()  # Config fields this table overrides
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    help: str
+    default: bool  # on unless --no-collector.NAME (off ones need --collector.NAME)
+    privileges: str
+    read: Callable[[Any], Any]  # (sampler) -> data
+    collector: Callable[[Any], Any] | None = None  # (options) -> object with collect(snap, data)
+    tables: tuple[Table, ...] = ()
+    flags: tuple[str, ...] = ()  # flags of this view alone, for --help and the README
+    peaks: Callable[[Any], dict] | None = None  # data -> counts kept over the peak window
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+def read_tcp(reader: SocketReader, listen_limit: int,
+             remote: aggregate.RemoteOptions | None = None,
+             previous: aggregate.TcpSummary | None = None, owners=None,
+             program_top: int = 20) -> aggregate.TcpSummary:
+    return _read_sockets(reader, "tcp", lambda: aggregate.TcpAccumulator(
+        listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink",
+        remote=remote, previous=previous, owners=owners, program_top=program_top))
+
+
+def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
+    return _read_sockets(reader, "udp", aggregate.UdpAccumulator)
+
+
+def _read_sockets(reader: SocketReader, protocol: str, new_accumulator):
+    # A dump is aggregated batch by batch; if it has to start over (interrupted, or netlink
+    # refused and we fall back to /proc), the partial sums are thrown away with it.
+    reader.retry_netlink(protocol)
+    for _attempt in range(3):
+        acc = new_accumulator()
+        try:
+            for table in reader.tables(protocol):
+                acc.add(table)
+            reader.netlink_works(protocol)
+            return acc.result()
+        except sockdiag.DumpInterrupted:
+            continue
+        except OSError as exc:
+            if not reader.fall_back(protocol, exc):
+                raise
+    raise sockdiag.DumpInterrupted(errno.EINTR, f"{protocol} dump interrupted three times")
+
+
+def _tcp(ctx) -> aggregate.TcpSummary:
+    # netstat -p: who owns each socket, read just before the dump so both agree closely
+    owners = ctx.current.get("processes")
+    summary = read_tcp(ctx.reader, ctx.listen_limit, ctx.remote, ctx.previous("tcp"), owners,
+                       ctx.programs or 0)
+    if summary.remote is not None:
+        for metric, cut in summary.remote.truncated.items():
+            ctx.truncated_total[metric] = ctx.truncated_total.get(metric, 0) + cut
+    return summary
+
+
+def _file_source(read) -> Callable[[Any], Any]:
+    """A /proc reader whose absent optional files (IPv6 off, module not loaded) are noted once."""
+    def reader(ctx):
+        missing: list[str] = []
+        data = read(ctx.reader.procfs, missing)
+        note_missing(ctx.reader.missing, missing)
+        return data
+    return reader
+
+
+def _namespaces(ctx) -> aggregate.NetnsSummary:
+    def states_here() -> dict[str, int]:
+        for _attempt in range(3):  # an interrupted dump is read again, as the host's is
+            try:
+                return aggregate.summarize_tcp(
+                    sockdiag.dump(socket.IPPROTO_TCP, buffer=ctx.reader.buffer)).state_totals()
+            except sockdiag.DumpInterrupted:
+                continue
+        raise sockdiag.DumpInterrupted(errno.EINTR, "TCP dump interrupted three times")
+
+    per_namespace, unreadable = netns.walk(ctx.reader.procfs, states_here)
+    return aggregate.summarize_namespaces(per_namespace, ctx.namespaces, unreadable,
+                                          ctx.previous("netns"))
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+VIEWS: tuple[View, ...] = (
+    View("processes", "attribute TCP sockets to programs like netstat -p (walks /proc/PID/fd)",
+         default=False, privileges="CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH to see other "
+         "users' processes", read=lambda ctx: processes.read(ctx.reader.procfs),
+         collector=lambda options: tcp_collectors.ProcessesCollector(),
+         tables=(Table("-p", "--programs", "print TCP sockets per owning program and state, "
+                       "like netstat -p (root, or CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, sees "
+                       "every process)", tables.programs, ("processes", "tcp"),
+                       options=(("processes_top", 1 << 30),)),),  # every program, no top-N
+         flags=("--collector.processes.top",)),
+    View("tcp", "TCP sockets per state, queues, listeners, per-remote and per-port counts",
+         default=True, privileges="none", read=_tcp,
+         collector=lambda options: tcp_collectors.TcpCollector(),
+         tables=(Table(None, None, "TCP connection counts per state", tables.states, ("tcp",),
+                       json_needs=("udp",)),
+                 Table("-l", "--listening", "print listening TCP sockets with their accept "
+                       "queues, like netstat -tln (Recv-Q: waiting connections, Send-Q: "
+                       "backlog)", tables.listeners, ("tcp",))),
+         flags=("--collector.sockets.source", "--listen.limit", "--remote.top",
+                "--remote.prefix-v4", "--remote.prefix-v6", "--remote.include",
+                "--remote.exclude", "--remote.mask", "--remote.mask-key", "--local-port.top",
+                "--series.limit"),
+         peaks=lambda summary: summary.state_totals()),
+    View("udp", "UDP sockets, connected or not, and their queues", default=True,
+         privileges="none", read=lambda ctx: read_udp(ctx.reader),
+         collector=lambda options: udp_collectors.UdpCollector(),
+         tables=(Table("-u", "--udp", "print UDP socket counts and queued bytes per family",
+                       tables.udp, ("udp",)),)),
+    View("snmp", "every netstat -s field of /proc/net/snmp, snmp6 and netstat", default=True,
+         privileges="none", read=_file_source(snmp.read),
+         collector=lambda options: snmp_collectors.SnmpCollector(options.snmp_fields),
+         tables=(Table("-s", "--statistics", "print the protocol statistics grouped like "
+                       "netstat -s (with --watch, counters show their rate)", tables.statistics,
+                       ("snmp",)),),
+         flags=("--collector.snmp.fields",)),
+    View("sockstat", "/proc/net/sockstat with the tcp_mem, udp_mem and orphan limits",
+         default=True, privileges="none", read=_file_source(sockstat.read),
+         collector=lambda options: snmp_collectors.SockstatCollector()),
+    View("interfaces", "interface counters like netstat -i (/proc/net/dev)", default=True,
+         privileges="none", read=_file_source(interfaces.read),
+         collector=lambda options: network.InterfacesCollector(),
+         tables=(Table("-i", "--interfaces", "print interface counters, like netstat -i",
+                       tables.interfaces, ("interfaces",)),)),
+    View("conntrack", "the netfilter conntrack table's use and limit", default=True,
+         privileges="none", read=_file_source(conntrack.read),
+         collector=lambda options: network.ConntrackCollector()),
+    View("routes", "routes per device and the default routes, like netstat -r", default=True,
+         privileges="none", read=_file_source(routes.read),
+         collector=lambda options: network.RoutesCollector(),
+         tables=(Table("-r", "--route", "print the routing tables, like netstat -rn",
+                       tables.routes, ("routes",)),)),
+    View("multicast", "multicast group memberships per device, like netstat -g", default=True,
+         privileges="none", read=_file_source(multicast.read),
+         collector=lambda options: network.MulticastCollector(),
+         tables=(Table("-g", "--groups", "print multicast group memberships, like netstat -gn",
+                       tables.groups, ("multicast",)),)),
+    View("netns", "TCP states in every other network namespace (containers, ip netns)",
+         default=False, privileges="CAP_SYS_ADMIN (setns) and CAP_SYS_PTRACE",
+         read=_namespaces, collector=lambda options: network.NetnsCollector(),
+         flags=("--collector.netns.top",)),
+)
+BY_NAME = {view.name: view for view in VIEWS}
+DEFAULTS = {view.name: view.default for view in VIEWS}  # what config.build is given
+
+
+def build_registry(get_snapshot, version: str, snmp_fields=None,
+                   views: tuple[View, ...] = VIEWS) -> CollectorRegistry:
+    """Our own registry (never the global one) with one collector over the given views.
+    snmp_fields: a compiled regex limiting the netstat -s fields ("TcpExt_ListenOverflows")."""
+    options = CollectorOptions(snmp_fields=snmp_fields)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ScrapeCollector(
+        get_snapshot, [(view.name, view.collector(options)) for view in views if view.collector],
+        version))
+    return registry
+
+
+@dataclass(frozen=True)
+class CollectorOptions:
+    snmp_fields: Any = None
