@@ -143,16 +143,16 @@ def test_series_limit_cuts_smallest_first_and_counts_it():
     shown = [l for (s, l) in remote.remote if s == "ESTABLISHED" and l != OTHER]
     assert shown == ["10.0.0.10", "10.0.0.9", "10.0.0.8"]
     assert remote.remote[("ESTABLISHED", OTHER)] == sum(range(1, 8))
-    assert remote.truncated["netstat_tcp_remote_connections"] == 7
-    assert remote.truncated["netstat_tcp_local_port_connections"] == 0
+    assert remote.truncated["remote"] == 7
+    assert remote.truncated["local_port"] == 0
     assert [l.port for l in summary.listeners] == [80]
     tight = summarize(rows, series_limit=MIN_SERIES_LIMIT + 2)  # only the listener fits
-    assert tight.remote.truncated["netstat_tcp_local_port_connections"] == len(PORT_STATES)
+    assert tight.remote.truncated["local_port"] == len(PORT_STATES)
     assert tight.remote.local_port[("ESTABLISHED", OTHER)] == 55
     assert len(tight.listeners) == 1
     tighter = summarize(rows, series_limit=MIN_SERIES_LIMIT)
     assert tighter.listeners == () and tighter.listeners_total == 1
-    assert tighter.remote.truncated["netstat_tcp_listen_backlog"] == 1
+    assert tighter.remote.truncated["listen_backlog"] == 1
 
 
 
@@ -165,17 +165,17 @@ def test_series_limit_counts_the_series_a_listener_really_makes():
     proc = summarize(rows, series_limit=limit, source="proc")
     shown = [l for (s, l) in proc.remote.remote if s == "ESTABLISHED" and l != OTHER]
     assert shown == ["10.0.0.10", "10.0.0.9", "10.0.0.8"]
-    assert proc.remote.truncated["netstat_tcp_remote_connections"] == 7
+    assert proc.remote.truncated["remote"] == 7
     assert [(l.address, l.port, l.backlog) for l in proc.listeners] == [("0.0.0.0", 80, None)]
     netlink = summarize(rows, series_limit=limit)  # the backlog series costs one remote
-    assert netlink.remote.truncated["netstat_tcp_remote_connections"] == 8
+    assert netlink.remote.truncated["remote"] == 8
     assert netlink.listeners[0].backlog is not None
     # with room for the listener alone it stays; cut, it never counts a backlog series
     assert len(summarize(rows, series_limit=MIN_SERIES_LIMIT + 1, source="proc").listeners) == 1
     cut = summarize(rows, series_limit=MIN_SERIES_LIMIT, source="proc")
     assert cut.listeners == () and cut.listeners_total == 1
-    assert cut.remote.truncated["netstat_tcp_listen_queue_length"] == 1
-    assert cut.remote.truncated["netstat_tcp_listen_backlog"] == 0
+    assert cut.remote.truncated["listen_queue_length"] == 1
+    assert cut.remote.truncated["listen_backlog"] == 0
 
 
 @pytest.mark.parametrize("batches", [1, 3])

@@ -104,3 +104,9 @@ def test_config_imports_nothing_from_the_engine():
     text = (ROOT / "exporter" / "config.py").read_text()
     assert not re.search(r"^from \.(?!\s)", text, re.M), "config.py imports from the package"
     assert views.BY_NAME["tcp"] is VIEWS[[v.name for v in VIEWS].index("tcp")]
+
+
+def test_every_series_kind_the_budget_cuts_has_its_metric():
+    from exporter import aggregate
+    from exporter.collectors.exporter import TRUNCATED_METRICS
+    assert set(TRUNCATED_METRICS) == set(aggregate.SERIES_LIMITED)

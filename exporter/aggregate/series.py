@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from .states import PORT_STATES, REMOTE_STATES
 
-SERIES_LIMITED = ("netstat_tcp_remote_connections", "netstat_tcp_local_port_connections",
-                  "netstat_tcp_listen_queue_length", "netstat_tcp_listen_backlog")
+# What the budget cuts, by kind; collectors/exporter.py names the metric of each kind.
+SERIES_LIMITED = ("remote", "local_port", "listen_queue_length", "listen_backlog")
 # The fewest series --series.limit can leave: OTHER and EXCLUDED per remote state and OTHER
 # per port state are never cut (they keep the sums exact).
 MIN_SERIES_LIMIT = 2 * len(REMOTE_STATES) + len(PORT_STATES)
@@ -16,8 +16,8 @@ def listener_series(backlog_known: bool) -> tuple[str, ...]:
     """The series one listener makes: its queue length always, its backlog only when the
     source reports one (sock_diag does; /proc/net/tcp does not, and no backlog is exported)."""
     if backlog_known:
-        return ("netstat_tcp_listen_queue_length", "netstat_tcp_listen_backlog")
-    return ("netstat_tcp_listen_queue_length",)
+        return ("listen_queue_length", "listen_backlog")
+    return ("listen_queue_length",)
 
 
 def apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listeners: int,
@@ -27,7 +27,7 @@ def apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listener
     Cut first: remote entries, smallest count first (one series each; their connections
     fold into OTHER, so sums stay exact); then ports, smallest first (one series per state,
     folded into OTHER); then listeners, emptiest first (listener_series each; still counted
-    in netstat_tcp_listeners). OTHER/EXCLUDED series are never cut.
+    in the listener total). OTHER/EXCLUDED series are never cut.
     Mutates `chosen` and `shown_ports`.
     """
     per_port = len(PORT_STATES)
@@ -42,11 +42,11 @@ def apply_series_limit(chosen: dict[str, list], shown_ports: list[int], listener
             break
         chosen[name].remove((key, count))
         used -= 1
-        truncated["netstat_tcp_remote_connections"] += 1
+        truncated["remote"] += 1
     while used > limit and shown_ports:
         shown_ports.pop()
         used -= per_port
-        truncated["netstat_tcp_local_port_connections"] += per_port
+        truncated["local_port"] += per_port
     while used > limit and listeners:
         listeners -= 1
         used -= len(per_listener)

@@ -90,7 +90,7 @@ class TcpAccumulator:
             remote = self._remote.result(state_totals(connections),
                                          {key[2] for key in self._listeners},
                                          self._previous, shown, self.backlog_known)
-            shown -= remote.truncated["netstat_tcp_listen_queue_length"]
+            shown -= remote.truncated["listen_queue_length"]
         listeners = tuple(
             Listener(family=FAMILY_NAMES[fam],
                      address=format_address(fam, np.frombuffer(raw, dtype=np.uint32)),

@@ -5,6 +5,13 @@ import platform
 from .base import counter, gauge
 
 
+# The kinds of series --series.limit cuts (aggregate.SERIES_LIMITED) and their metrics.
+TRUNCATED_METRICS = {"remote": "netstat_tcp_remote_connections",
+                     "local_port": "netstat_tcp_local_port_connections",
+                     "listen_queue_length": "netstat_tcp_listen_queue_length",
+                     "listen_backlog": "netstat_tcp_listen_backlog"}
+
+
 class ExporterCollector:
     """The exporter's own health: build, per-collector success and cost, sample freshness."""
 
@@ -50,6 +57,6 @@ class ExporterCollector:
         truncated = counter("exporter_series_truncated", "Label sets cut by --series.limit, "
                             "summed over samples; their counts went to the metric's \"other\" "
                             "series.", ("metric",))
-        for metric, cut in snapshot.truncated_total.items():
-            truncated.add((metric,), cut)
+        for kind, cut in snapshot.truncated_total.items():
+            truncated.add((TRUNCATED_METRICS[kind],), cut)
         yield truncated.metric
