@@ -127,6 +127,25 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def read_blocks(proc, count: int, timeout: float = 15.0) -> str:
+    """Wait until a `snapshot --watch` process has printed `count` blocks ("# <time>" lines)
+    and the line after the last one; return what was read."""
+    import selectors
+    seen, deadline, text = 0, time.monotonic() + timeout, ""
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while seen < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                raise AssertionError(f"timed out waiting for {count} --watch blocks")
+            line = proc.stdout.readline()
+            if not line:
+                raise AssertionError("the --watch process ended early")
+            text += line
+            seen += line.startswith("# ")
+    return text
+
+
 def listener(family: int, addr: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

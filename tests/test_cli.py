@@ -5,9 +5,9 @@ import json
 import signal
 import subprocess
 import sys
-import time
-
 import pytest
+
+from tests.kernel import read_blocks
 
 
 pytestmark = pytest.mark.netns
@@ -43,9 +43,11 @@ def test_watch_repeats_until_interrupted(mix):
     proc = subprocess.Popen(["ip", "netns", "exec", mix.ns.name, sys.executable, "-m", "exporter",
                              "snapshot", "--watch", "0.2"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    head = read_blocks(proc, 4)  # the fourth block has begun: three are whole
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
+    out = head + proc.stdout.read()  # through the same buffer read_blocks used
+    assert proc.wait(10) == 0
+    err = proc.stderr.read()
     assert proc.returncode == 0 and "Traceback" not in err
     blocks = [b for b in out.split("# ") if b]
     assert len(blocks) >= 3

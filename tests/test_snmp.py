@@ -7,7 +7,6 @@ import re
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from exporter.collectors.snmp import GAUGES, metric_for, snake
 from exporter.sampler import Sampler, SocketReader
 from exporter.sources import snmp, sockstat
 from tests.conftest import unavailable
+from tests.kernel import read_blocks, wait_for
 
 KERNELS = Path(__file__).parent / "fixtures" / "kernels"
 GOLDEN = Path(__file__).parent / "golden"
@@ -161,7 +161,7 @@ def test_arbitrary_content_never_crashes_the_sample(tmp_path_factory, text, name
     root = tmp_path_factory.mktemp("proc")
     shutil.copytree(KERNELS / "linux-6.18" / "proc", root, dirs_exist_ok=True)
     (root / "net" / name).write_text(text)
-    snapshot = sample(root)  # never raises
+    snapshot = sample(root)
     for result in snapshot.results.values():
         # a failure is one of our parse errors, naming the file (not an IndexError & co.)
         assert result.ok or str(root / "net" / name) in result.error, result.error
@@ -187,9 +187,11 @@ def test_live_counters_move_by_exactly_what_was_done(netns):
             late.setblocking(False)
             assert late.connect_ex(("127.0.0.1", 7100)) == errno.EINPROGRESS
             keep.append(late)
-        time.sleep(0.3)
         sampler = Sampler(SocketReader("netlink", procfs="/proc/thread-self"))
-        snapshot = sampler.sample_once()
+        # each of the four SYNs is dropped when the kernel handles it: wait for all four
+        wait_for(lambda: sampler.sample_once().results["snmp"].data["TcpExt"]["ListenOverflows"]
+                 >= 4, timeout=0.9, what="four dropped SYNs")
+        snapshot = sampler.snapshot
         for sock in keep:
             sock.close()
     get = build_registry(lambda: snapshot, "t").get_sample_value
@@ -216,9 +218,10 @@ def test_cli_statistics_grouped_like_netstat_s(netns):
     assert done.stdout.startswith("Ip:\n    Forwarding ")
     proc = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-m", "exporter",
                              "snapshot", "-s", "--watch", "0.3"], stdout=subprocess.PIPE, text=True)
-    time.sleep(1.2)
+    head = read_blocks(proc, 3)  # the third block has begun: two are whole
     proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=10)
+    out = head + proc.stdout.read()  # through the same buffer read_blocks used
+    proc.wait(10)
     blocks = [b for b in out.split("# ") if b]
     assert len(blocks) >= 2
     assert "    ActiveOpens 0 (+0.0/s)\n" in blocks[1]

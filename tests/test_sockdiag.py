@@ -126,7 +126,10 @@ def test_random_bytes_raise_oserror_or_decode(data):
         table = sockdiag.decode(data, SEQ, sockdiag.TCPDIAG_GETSOCK)
     except OSError:
         return
-    assert len(table.state) == len(table.family) == len(table.inode)
+    # whatever decodes is whole messages: at most one row per inet_diag_msg-sized piece,
+    # with the states and families the kernel can send
+    assert len(table) <= len(data) // sockdiag.INET_DIAG_MSG.size
+    assert set(table.family.tolist()) <= {socket.AF_INET, socket.AF_INET6}
 
 
 @settings(max_examples=200, deadline=None)
