@@ -43,7 +43,6 @@ class Config:
     peak_window: float = 60.0
     socket_source: str = "auto"
     procfs: str = "/proc"
-    sysfs: str = "/sys"
     listen_limit: int = 100
     log_level: str = "info"
     remote_top: int = 20
@@ -199,7 +198,6 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "--collector.sockets.source": ("socket_source", _choice(SOURCE_MODES),
                                    "auto (netlink, falling back to /proc), netlink or proc"),
     "--path.procfs": ("procfs", _directory, "procfs mount point (default /proc)"),
-    "--path.sysfs": ("sysfs", _directory, "sysfs mount point (default /sys)"),
     "--listen.limit": ("listen_limit", _count(0),
                        "most listeners exported with per-listener metrics (default 100)"),
     "--log.level": ("log_level", _choice(LOG_LEVELS), "debug, info, warning or error"),

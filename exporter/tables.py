@@ -137,16 +137,24 @@ def groups(snapshot, args, previous=None) -> str:
 
 
 def interfaces(snapshot, args, previous=None) -> str:
-    table, as_json = snapshot.results["interfaces"].data, args.json
+    data, as_json = snapshot.results["interfaces"].data, args.json
+    table, links = data.counters, data.links
     if as_json:
-        return json.dumps(table)
+        return json.dumps({device: {**counters, **({"mtu": links[device].mtu,
+                                                     "flags": links[device].letters}
+                                                    if device in links else {})}
+                           for device, counters in table.items()})
     columns = (("RX-OK", "receive_packets"), ("RX-ERR", "receive_errors"),
                ("RX-DRP", "receive_drops"), ("RX-OVR", "receive_fifo_errors"),
                ("TX-OK", "transmit_packets"), ("TX-ERR", "transmit_errors"),
                ("TX-DRP", "transmit_drops"), ("TX-OVR", "transmit_fifo_errors"))
-    lines = [f"{'Iface':<15}" + "".join(f" {title:>10}" for title, _ in columns)]
+    lines = [f"{'Iface':<15} {'MTU':>6}" + "".join(f" {title:>10}" for title, _ in columns)
+             + " Flg"]
     for device, counters in sorted(table.items()):
-        lines.append(f"{printable(device):<15}" + "".join(f" {counters[key]:>10}" for _, key in columns))
+        link = links.get(device)
+        lines.append(f"{printable(device):<15} {link.mtu if link else '-':>6}"
+                     + "".join(f" {counters[key]:>10}" for _, key in columns)
+                     + f" {link.letters if link else '-'}")
     return "\n".join(lines)
 
 

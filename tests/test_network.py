@@ -65,8 +65,35 @@ def test_bad_conntrack_value_fails(tmp_path):
 
 def test_interface_cap():
     lines = ["Inter-|\n", " face |\n"] + [f"d{i:03d}: " + "1 " * 16 + "\n" for i in range(5)]
-    devices = interfaces.parse(lines)
-    snapshot = type("S", (), {"results": {"interfaces": type("R", (), {"ok": True, "data": devices})()}})()
-    families = list(InterfacesCollector(limit=3).collect(snapshot, devices))
+    devices = interfaces.InterfaceTable(interfaces.parse(lines), {})
+    families = list(InterfacesCollector(limit=3).collect(None, devices))
     assert families[0].samples[0].value == 5
     assert {s.labels["device"] for s in families[1].samples} == {"d000", "d001", "d002"}
+
+
+@pytest.mark.netns
+def test_mtu_and_flags_match_netstat_i(netns_factory):
+    import subprocess
+    import sys
+    a, b = netns_factory(), netns_factory()
+    subprocess.run(["ip", "link", "add", "va", "netns", a.name, "mtu", "1280", "type", "veth",
+                    "peer", "name", "vb", "netns", b.name], check=True)
+    a.exec("ip", "link", "set", "va", "up")
+    a.exec("ip", "link", "set", "va", "promisc", "on")
+    a.exec("ip", "link", "add", "dummy-free", "type", "veth", "peer", "name", "down0")
+    theirs = {}
+    for line in a.exec("netstat", "-ia").splitlines()[2:]:
+        fields = line.split()
+        theirs[fields[0]] = (fields[1], fields[-1])
+    done = subprocess.run(["ip", "netns", "exec", a.name, sys.executable, "-m", "exporter",
+                           "snapshot", "-i"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    ours = {f[0]: (f[1], f[-1]) for f in (line.split() for line in done.stdout.splitlines()[1:])}
+    assert ours == theirs and theirs["va"] == ("1280", "BMPU")  # up, no carrier: not R
+    with a.entered():
+        snapshot = Sampler(SocketReader("netlink"), collectors=["interfaces"]).sample_once()
+    get = build_registry(lambda: snapshot, "t").get_sample_value
+    assert get("netstat_interface_mtu_bytes", {"device": "va"}) == 1280
+    assert get("netstat_interface_up", {"device": "va"}) == 1
+    assert get("netstat_interface_running", {"device": "lo"}) == 1
+    assert get("netstat_interface_up", {"device": "down0"}) == 0

@@ -15,7 +15,8 @@ class InterfacesCollector:
     def __init__(self, limit: int = INTERFACE_LIMIT):
         self.limit = limit
 
-    def collect(self, _snapshot, devices):
+    def collect(self, _snapshot, data):
+        devices, links = data.counters, data.links
         total = gauge("interface_devices", "Network devices in /proc/net/dev; at most "
                       f"{self.limit} (by name) get per-device series.")
         total.add((), len(devices))
@@ -28,6 +29,23 @@ class InterfacesCollector:
             for device in shown:
                 family.add((device,), devices[device][column])
             yield family.metric
+        shown_links = [device for device in shown if device in links]
+        mtu = gauge("interface_mtu_bytes", "Largest packet the device sends (netstat -i MTU).",
+                    ("device",))
+        up = gauge("interface_up", "1 when the device is administratively up (flag U).",
+                   ("device",))
+        running = gauge("interface_running", "1 when the device is up and its link works "
+                        "(flag R: operational state up or unknown).", ("device",))
+        speed = gauge("interface_speed_bytes", "Link speed in bytes per second, where the "
+                      "driver reports one.", ("device",))
+        for device in shown_links:
+            link = links[device]
+            mtu.add((device,), link.mtu)
+            up.add((device,), int("up" in link.flags))
+            running.add((device,), int("running" in link.flags))
+            if link.speed_mbps > 0:
+                speed.add((device,), link.speed_mbps * 1_000_000 / 8)
+        yield from (mtu.metric, up.metric, running.metric, speed.metric)
 
 
 class ConntrackCollector:
