@@ -204,9 +204,12 @@ def serve_main(cfg: config.Config) -> int:
         except webconfig.WebConfigError as exc:
             print(f"netstat-exporter: error: --web.config.file: {exc}", file=sys.stderr)
             return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop, hangup, wake = threading.Event(), threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: (stop.set(), wake.set()))
+    signal.signal(signal.SIGINT, lambda *_: (stop.set(), wake.set()))
+    # SIGHUP (systemctl reload, or a stray one) must not kill the exporter: it re-reads the
+    # web config; flags and the environment are read once, at start.
+    signal.signal(signal.SIGHUP, lambda *_: (hangup.set(), wake.set()))
     sampler = _sampler(cfg, cfg.sample_interval, cfg.collectors)
     host, port = cfg.listen
     views = tuple(view for view in VIEWS if cfg.enabled(view.name))
@@ -227,7 +230,17 @@ def serve_main(cfg: config.Config) -> int:
     log.info("netstat-exporter %s listening on %s port %d (%s), sampling every %gs",
              __version__, bound[0], bound[1], "TLS" if web and web.current.tls else "plain HTTP",
              cfg.sample_interval)
-    stop.wait()
+    while not stop.is_set():
+        wake.wait()
+        wake.clear()
+        if not hangup.is_set():
+            continue
+        hangup.clear()
+        if web is not None:
+            web.reload_soon()
+        log.info("SIGHUP: %s; flags and environment variables need a restart",
+                 "the web config is re-read at the next connection" if web is not None
+                 else "no web config to re-read")
     log.info("shutting down")
     server.stop()
     sampler.stop(5)

@@ -350,6 +350,11 @@ class Watcher:
     def _read_stamps(self):
         return tuple(_stamp(f) for f in self.current.files)
 
+    def reload_soon(self) -> None:
+        """SIGHUP: look at the files at the next connection, changed or not."""
+        self._checked = float("-inf")
+        self._stamps = ()
+
     def refresh(self) -> WebConfig:
         now = self.clock()
         if now - self._checked < 1.0:
