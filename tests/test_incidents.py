@@ -452,7 +452,8 @@ def test_one_failed_scrape_neither_delays_nor_restarts(stack_factory):
             sock.close()
         full.close()
     timeline.record(**{"failed scrape while pending": failed_at,
-                       "pending": timeline.pending["NetstatListenBacklogFull"]})
+                       "pending": timeline.pending["NetstatListenBacklogFull"],
+                       "scrapes failed (pending, firing)": [failed_pending, failed_firing]})
     assert 1 <= failed_pending <= 2 and 1 <= failed_firing <= 2, (failed_pending, failed_firing)
     # `for:` is 15 s: firing 15 s after it went pending (plus the polling and one evaluation),
     # where the old rules restarted the timer at the failed scrape
