@@ -57,7 +57,7 @@ def test_owners_from_a_fake_proc(tmp_path):
     assert programs[("ESTABLISHED", "nginx")] == 2
     assert programs[("ESTABLISHED", UNKNOWN_PROGRAM)] == 1
     assert programs[("CLOSE_WAIT", "other")] == 1  # "other" the bucket: the top is nginx
-    assert ("CLOSE_WAIT", "other (program)") not in programs
+    assert ("CLOSE_WAIT", "other (a program)") not in programs
     assert programs[("TIME_WAIT", NO_PROGRAM)] == 1
     assert programs[("LISTEN", "nginx")] == 1
     for state in NETSTAT_STATES.values():
@@ -65,18 +65,27 @@ def test_owners_from_a_fake_proc(tmp_path):
             sum(1 for s in states if NETSTAT_STATES.get(s) == state)
 
 
-def test_reserved_names_do_not_merge_with_buckets(tmp_path):
-    root = fake_proc(tmp_path, {5: ("other", ["socket:[1]"])})
+def test_reserved_names_do_not_merge_with_buckets_or_each_other(tmp_path):
+    # every name a process may take that looks like a bucket or a renamed bucket (comm is
+    # at most 15 bytes: "other (program)" and "none (a progra" are legal ones)
+    names = ["other", "other (program)", "none", "unknown", "none (a progra", "other (a progr"]
+    root = fake_proc(tmp_path, {pid: (name, [f"socket:[{pid}]"])
+                                for pid, name in enumerate(names, start=1)})
     owners = processes.read(str(root))
-    table = SocketTable.from_columns({"family": [2], "state": [1], "inode": [1],
-                                      "local_addr": [[0] * 4], "remote_addr": [[0] * 4],
-                                      "local_port": [1], "remote_port": [1], "recv_q": [0],
-                                      "send_q": [0], "uid": [0]})
-    acc = TcpAccumulator(owners=owners, program_top=5)
+    n = len(names)
+    table = SocketTable.from_columns({"family": [2] * n, "state": [1] * n,
+                                      "inode": list(range(1, n + 1)),
+                                      "local_addr": [[0] * 4] * n, "remote_addr": [[0] * 4] * n,
+                                      "local_port": [1] * n, "remote_port": [1] * n,
+                                      "recv_q": [0] * n, "send_q": [0] * n, "uid": [0] * n})
+    acc = TcpAccumulator(owners=owners, program_top=20)
     acc.add(table)
     programs = acc.result().programs.connections
-    assert programs[("ESTABLISHED", "other (program)")] == 1
-    assert programs[("ESTABLISHED", "other")] == 0
+    established = {p: v for (s, p), v in programs.items() if s == "ESTABLISHED" and v}
+    assert len(established) == n and sum(established.values()) == n  # n labels, one each
+    assert established.keys() >= {"other (a program)", "none (a program)",
+                                  "unknown (a program)", "other (program)"}
+    assert not {"other", "none", "unknown"} & established.keys()  # the buckets stay empty
 
 
 LEAKER = """

@@ -27,9 +27,15 @@ class ProgramSummary:
     skipped: int
 
 
+# A program named like a bucket gets this suffix. comm is at most 15 bytes (TASK_COMM_LEN),
+# and "other (a program)" is 17: no real program name can ever equal a renamed one, so every
+# label names one thing and the sums per state stay exact whatever programs are called.
+RENAMED = " (a program)"
+
+
 def _program_label(name: str) -> str:
-    """A program called "other", "none" or "unknown" must not merge with those buckets."""
-    return f"{name} (program)" if name in (OTHER, NO_PROGRAM, UNKNOWN_PROGRAM) else name
+    """"other" -> "other (a program)"; "other (program)" (a legal 15-byte comm) -> itself."""
+    return name + RENAMED if name in (OTHER, NO_PROGRAM, UNKNOWN_PROGRAM) else name
 
 
 class ProgramAccumulator:
