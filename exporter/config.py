@@ -97,15 +97,13 @@ def _seconds(minimum: float, maximum: float = 86400.0) -> Callable[[str], float]
     return parse
 
 
-def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+def _count(minimum: int, maximum: int) -> Callable[[str], int]:
+    """Every count has both bounds: a typo like 1e10 is an error at start, not a crash later."""
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum or (maximum is not None and value > maximum):
-            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-            raise ValueError(f"must be an integer {bound}, got {text!r}")
+        # digits only: int() would also take "1_000" and " 7 "
+        value = int(text) if re.fullmatch(r"-?[0-9]{1,12}", text) else None
+        if value is None or not minimum <= value <= maximum:
+            raise ValueError(f"must be an integer from {minimum} to {maximum}, got {text!r}")
         return value
     return parse
 
@@ -198,10 +196,10 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "--collector.sockets.source": ("socket_source", _choice(SOURCE_MODES),
                                    "auto (netlink, falling back to /proc), netlink or proc"),
     "--path.procfs": ("procfs", _directory, "procfs mount point (default /proc)"),
-    "--listen.limit": ("listen_limit", _count(0),
+    "--listen.limit": ("listen_limit", _count(0, 100_000),
                        "most listeners exported with per-listener metrics (default 100)"),
     "--log.level": ("log_level", _choice(LOG_LEVELS), "debug, info, warning or error"),
-    "--remote.top": ("remote_top", _count(0),
+    "--remote.top": ("remote_top", _count(0, 100_000),
                      "remote addresses per TCP state with their own series (default 20)"),
     "--remote.prefix-v4": ("remote_prefix_v4", _count(0, 32),
                            "aggregate IPv4 remotes into networks of this prefix (default 32)"),
@@ -215,16 +213,16 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                       "replace remote addresses with a keyed hash (key: NETSTAT_EXPORTER_REMOTE_MASK_KEY)"),
     "--remote.mask-key": ("remote_mask_key", str,
                           "key for --remote.mask; prefer the environment variable (flags show in ps)"),
-    "--local-port.top": ("local_port_top", _count(0),
+    "--local-port.top": ("local_port_top", _count(0, 65_536),
                          "listening ports with their own series (default 50)"),
-    "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT),
+    "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT, 10_000_000),
                        "hard cap on remote, local-port and listener series together (default 2000)"),
     "--collector.disable": ("disabled", _names,
                             "comma-separated views to switch off, like --no-collector.NAME "
                             "for each"),
-    "--collector.netns.top": ("netns_top", _count(0),
+    "--collector.netns.top": ("netns_top", _count(0, 100_000),
                               "namespaces with their own series (default 20)"),
-    "--collector.processes.top": ("processes_top", _count(0),
+    "--collector.processes.top": ("processes_top", _count(0, 100_000),
                                   "programs with their own series (default 20)"),
     "--collector.snmp.fields": ("snmp_fields", _regex,
                                 "regex over Group_Field (e.g. 'Tcp_.*|TcpExt_Listen.*'): the "
