@@ -295,6 +295,10 @@ def test_random_source_syn_flood(stack_factory):
                                 " / rate(netstat_tcp_out_segs_total[5s]))[40s:1s])")
         syn_share = stack.value("increase(netstat_tcpext_tcp_syn_retrans_total[40s])"
                                 " / increase(netstat_tcp_retrans_segs_total[40s])")
+        # for the record (the exporter's business, issue 14): how many remote series the
+        # random sources made during the flood
+        remote_series = stack.value('count(count_over_time(netstat_tcp_remote_connections'
+                                    '{state="SYN_RECV",remote!~"other|excluded"}[1m]))') or 0
     finally:
         sent = flood.finish()
         for sock in raw:
@@ -302,7 +306,8 @@ def test_random_source_syn_flood(stack_factory):
         target.close()
     timeline.record(**{"SYN_RECV / backlog": round(fill, 3), "SYNs sent": sent,
                        "retransmits / segments (old rule)": round(old_ratio, 3),
-                       "SYN-ACK share of retransmits": round(syn_share, 3)})
+                       "SYN-ACK share of retransmits": round(syn_share, 3),
+                       "distinct SYN_RECV remote series": int(remote_series)})
     assert timeline.firing["NetstatListenerSynQueueFull"] <= 15
     assert timeline.firing["NetstatSyncookiesSent"] <= 15
     assert old_ratio > 0.05 and syn_share > 0.95  # what made the old rule blame path loss
