@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,8 @@ def test_conntrack_not_loaded_is_absence_not_failure(tmp_path):
     ("Inter-|\n face |\n lo: 1 2 3\n", "expected 'device: 16 counters'"),
     ("garbage\n", "not a /proc/net/dev header"),
     ("Inter-|\n face |\n lo: " + "x " * 16 + "\n", "must be integers"),
+    ("Inter-|\n face |\n lo: " + "1 " * 15 + "9" * 400 + "\n", "transmit_compressed: not a decimal"),
+    ("Inter-|\n face |\n lo: " + "1 " * 16 + "\n lo: " + "2 " * 16 + "\n", "'lo' appears twice"),
 ])
 def test_malformed_dev(tmp_path, text, message):
     root = tmp_path / "proc"
@@ -55,12 +58,15 @@ def test_malformed_dev(tmp_path, text, message):
     assert get("netstat_conntrack_entries") == 17
 
 
-def test_bad_conntrack_value_fails(tmp_path):
+@pytest.mark.parametrize("text", ["many\n", "9" * 400 + "\n", "-3\n"])
+def test_bad_conntrack_value_fails(tmp_path, text):
     root = tmp_path / "proc"
     shutil.copytree(PROC, root)
-    (root / "sys" / "net" / "netfilter" / "nf_conntrack_count").write_text("many\n")
-    snapshot, _get = sample(root)
-    assert not snapshot.results["conntrack"].ok and "not an integer" in snapshot.results["conntrack"].error
+    path = root / "sys" / "net" / "netfilter" / "nf_conntrack_count"
+    path.write_text(text)
+    snapshot, get = sample(root)
+    assert not snapshot.results["conntrack"].ok and str(path) in snapshot.results["conntrack"].error
+    assert get("netstat_interface_devices") == 2  # the others still report and render
 
 
 def test_interface_cap():
@@ -97,3 +103,30 @@ def test_mtu_and_flags_match_netstat_i(netns_factory):
     assert get("netstat_interface_up", {"device": "va"}) == 1
     assert get("netstat_interface_running", {"device": "lo"}) == 1
     assert get("netstat_interface_up", {"device": "down0"}) == 0
+
+
+@pytest.mark.netns
+def test_interface_names_with_any_byte_are_read_and_rendered(netns):
+    """Linux allows any byte in a device name but / : and whitespace."""
+    import shutil as sh
+    import subprocess
+    from prometheus_client import generate_latest
+    subprocess.run(["ip", "netns", "exec", netns.name, "ip", "link", "add", b"v\xe91", "type",
+                    "veth", "peer", "name", "vé0"], check=True)
+    with netns.entered():
+        snapshot = Sampler(SocketReader("netlink"),
+                           collectors=["interfaces", "routes", "multicast"]).sample_once()
+    assert all(r.ok for r in snapshot.results.values()), snapshot.results
+    registry = build_registry(lambda: snapshot, "t")
+    get = registry.get_sample_value
+    assert get("netstat_interface_mtu_bytes", {"device": "vé0"}) == 1500
+    assert get("netstat_interface_mtu_bytes", {"device": "v\\xe91"}) == 1500  # escaped, visible
+    text = generate_latest(registry)
+    text.decode("utf-8")  # valid UTF-8 throughout
+    promtool = sh.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    done = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-m", "exporter",
+                           "snapshot", "-i"], capture_output=True, timeout=30)
+    assert done.returncode == 0 and b"v\\xe91 " in done.stdout and "vé0 ".encode() in done.stdout

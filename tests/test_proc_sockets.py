@@ -68,11 +68,14 @@ def test_missing_file_without_a_list_raises(tmp_path):
 
 @pytest.mark.parametrize("line, reason", [
     ("   0: 0100007F:0CEA 00000000:0000\n", "too few fields"),
-    ("   0: 0100007G:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n", "invalid literal"),
+    ("   0: 0100007G:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n", "address: not a hexadecimal integer"),
     ("   0: 0100007F 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n", "bad endpoint"),
     ("   0: 0100007F:0CEA 00000000:0000 00 00000000:00000000 00:00000000 00000000 0 0 1\n", "bad state"),
     ("   0: 0100007F:0CEA 00000000:0000 0A 0000000000000000 00:00000000 00000000 0 0 1\n", "bad state or queues"),
-    ("   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000 x 0 1\n", "invalid literal"),
+    ("   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000 x 0 1\n", "uid: not a decimal integer"),
+    ("   0: 0100007F:0CEA 00000000:0000 0A 123456789:00000000 00:00000000 00000000 0 0 1\n", "tx_queue: 123456789 is above 0xffffffff"),
+    ("   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1_000\n", "inode: not a decimal integer"),
+    ("   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 " + "9" * 400 + "\n", "inode: not a decimal integer"),
 ])
 def test_malformed_lines_name_file_line_and_content(line, reason):
     with pytest.raises(proc_sockets.ProcParseError) as info:
@@ -87,8 +90,39 @@ def test_missing_header_is_an_error():
         list(proc_sockets.parse_lines(["garbage\n"], socket.AF_INET, "x"))
 
 
-def test_empty_file_is_an_empty_table():
-    assert list(proc_sockets.parse_file(io.StringIO(""), socket.AF_INET)) == []
+def test_a_header_alone_is_an_empty_table_but_an_empty_file_is_an_error():
+    assert list(proc_sockets.parse_file(io.StringIO(HEADER), socket.AF_INET)) == []
+    with pytest.raises(proc_sockets.ProcParseError, match="empty, without the socket table header"):
+        list(proc_sockets.parse_file(io.StringIO(""), socket.AF_INET, "/proc/net/tcp"))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "endless line"])
+def test_files_that_are_not_proc_files_fail_at_once_naming_the_file(tmp_path, kind):
+    import os
+    from exporter.sources import files
+    (tmp_path / "net").mkdir()
+    path = tmp_path / "net" / "tcp"
+    if kind == "fifo":  # a broken bind mount: open() would block forever on a read
+        os.mkfifo(path)
+    elif kind == "device":  # /dev/zero: reading it never ends
+        os.symlink("/dev/zero", path)
+    else:
+        with open(path, "wb") as out:
+            out.write(HEADER.encode())
+            out.truncate(files.LARGE + 1)  # sparse: costs no disk
+    with pytest.raises(OSError) as caught:
+        read_all(socket.IPPROTO_TCP, tmp_path)
+    assert str(path) in str(caught.value)
+    assert ("not a regular file" if kind != "endless line" else "a line longer") in str(caught.value)
+
+
+def test_reads_are_bounded(tmp_path):
+    from exporter.sources import files
+    path = tmp_path / "big"
+    path.write_text("0123456789\n" * 20)
+    assert files.read_text(str(path), limit=220) == "0123456789\n" * 20
+    with pytest.raises(OSError, match=f"more than 100 bytes.*{path}"):
+        files.read_text(str(path), limit=100)
 
 
 @settings(max_examples=300, deadline=None)

@@ -78,7 +78,7 @@ def test_routes_and_groups_live(netns_factory):
         out = a.exec(sys.executable, "-m", "exporter", "snapshot", "-g")
         assert any(line.split() == ["veth-a", "1", "239.1.2.3"] for line in out.splitlines())
         out = a.exec(sys.executable, "-m", "exporter", "snapshot", "-i")
-        assert out.splitlines()[0].split()[:3] == ["Iface", "RX-OK", "RX-ERR"]
+        assert out.splitlines()[0].split()[:4] == ["Iface", "MTU", "RX-OK", "RX-ERR"]
         assert any(line.split()[0] == "veth-a" for line in out.splitlines()[1:])
     finally:
         member.close()

@@ -17,8 +17,17 @@ class Family:
     def add(self, values: tuple, value: float) -> "Family":
         if len(values) != len(self.labels):
             raise ValueError(f"{self.metric.name}: {len(values)} label values for {self.labels}")
-        self.metric.add_metric([str(v) for v in values], value)
+        self.metric.add_metric([label_text(v) for v in values], value)
         return self
+
+
+def label_text(value) -> str:
+    """Label values are always valid UTF-8: a byte that was not (kept by surrogateescape when
+    a device or program name was read) is shown as \\xNN. "v\udce90" -> "v\\xe90"."""
+    text = str(value)
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Family:

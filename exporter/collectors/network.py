@@ -36,16 +36,12 @@ class InterfacesCollector:
                    ("device",))
         running = gauge("interface_running", "1 when the device is up and its link works "
                         "(flag R: operational state up or unknown).", ("device",))
-        speed = gauge("interface_speed_bytes", "Link speed in bytes per second, where the "
-                      "driver reports one.", ("device",))
         for device in shown_links:
             link = links[device]
             mtu.add((device,), link.mtu)
             up.add((device,), int("up" in link.flags))
             running.add((device,), int("running" in link.flags))
-            if link.speed_mbps > 0:
-                speed.add((device,), link.speed_mbps * 1_000_000 / 8)
-        yield from (mtu.metric, up.metric, running.metric, speed.metric)
+        yield from (mtu.metric, up.metric, running.metric)
 
 
 class ConntrackCollector:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from . import files
+
 
 class ConntrackParseError(ValueError):
     pass
@@ -23,9 +25,9 @@ class Conntrack:
 def parse_int(text: str, path: str) -> int:
     """"262144\\n" -> 262144"""
     try:
-        return int(text.strip())
-    except ValueError:
-        raise ConntrackParseError(f"{path}: not an integer: {text.strip()!r}") from None
+        return files.integer(text.strip(), path)
+    except ValueError as exc:
+        raise ConntrackParseError(str(exc)) from None
 
 
 def read(procfs: str = "/proc", missing: list[str] | None = None) -> Conntrack | None:
@@ -33,8 +35,7 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> Conntrack |
     for name in ("nf_conntrack_count", "nf_conntrack_max"):
         path = os.path.join(procfs, "sys", "net", "netfilter", name)
         try:
-            with open(path, encoding="ascii") as stream:
-                values.append(parse_int(stream.read(), path))
+            values.append(parse_int(files.read_text(path), path))
         except FileNotFoundError:
             if missing is not None:
                 missing.append(path)

@@ -7,11 +7,15 @@
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Iterable
 
-import psutil
+from . import files
 
 # The 16 columns, named as exported (netstat_interface_<name>_total).
 COLUMNS = ("receive_bytes", "receive_packets", "receive_errors", "receive_drops",
@@ -37,32 +41,41 @@ def parse(lines: Iterable[str], name: str = "?") -> dict[str, dict[str, int]]:
         if not sep or not device.strip() or len(values) != len(COLUMNS):
             raise InterfacesParseError(f"{name}:{lineno}: expected 'device: {len(COLUMNS)} counters': "
                                        f"{line.rstrip()!r}")
+        if device.strip() in devices:  # two lines for one device: which one is true?
+            raise InterfacesParseError(f"{name}:{lineno}: device {device.strip()!r} appears twice")
         try:
-            devices[device.strip()] = dict(zip(COLUMNS, map(int, values)))
-        except ValueError:
-            raise InterfacesParseError(f"{name}:{lineno}: counters must be integers: "
-                                       f"{line.rstrip()!r}") from None
+            devices[device.strip()] = {column: files.integer(value, f"{name}:{lineno}: {column}")
+                                       for column, value in zip(COLUMNS, values)}
+        except ValueError as exc:
+            raise InterfacesParseError(f"counters must be integers: {exc}") from None
     return devices
 
 
 def read(procfs: str = "/proc", missing: list[str] | None = None) -> dict[str, dict[str, int]]:
     path = os.path.join(procfs, "net", "dev")
-    with open(path, encoding="ascii") as stream:
+    with files.open_text(path) as stream:
         return parse(stream, path)
 
 
-# netstat -i's Flg column: psutil's flag names -> net-tools' letters, in net-tools' order.
+# include/uapi/linux/if.h: net_device_flags, named as netstat -i and ip link name them.
+IFF = {"up": 0x1, "broadcast": 0x2, "debug": 0x4, "loopback": 0x8, "pointopoint": 0x10,
+       "notrailers": 0x20, "running": 0x40, "noarp": 0x80, "promisc": 0x100,
+       "allmulti": 0x200, "master": 0x400, "slave": 0x800, "multicast": 0x1000,
+       "dynamic": 0x8000}
+# netstat -i's Flg column: flag -> net-tools' letter, in net-tools' order.
 FLAG_LETTERS = (("allmulti", "A"), ("broadcast", "B"), ("debug", "D"), ("loopback", "L"),
                 ("multicast", "M"), ("dynamic", "d"), ("promisc", "P"), ("notrailers", "N"),
                 ("noarp", "O"), ("pointopoint", "P"), ("slave", "s"), ("master", "m"),
                 ("running", "R"), ("up", "U"))
+SIOCGIFFLAGS, SIOCGIFMTU = 0x8913, 0x8921  # include/uapi/linux/sockios.h
+IFREQ = struct.Struct("16s24x")  # struct ifreq: the name, then a 24-byte union
+_SKIP = {errno.ENODEV, errno.ENXIO}  # the device went away, or is in another namespace
 
 
 @dataclass(frozen=True)
 class Link:
     mtu: int  # bytes
     flags: frozenset[str]  # "up", "running", "broadcast", ... as SIOCGIFFLAGS reports them
-    speed_mbps: int  # 0 when the driver does not say (virtual devices)
 
     @property
     def letters(self) -> str:
@@ -70,12 +83,23 @@ class Link:
         return "".join(letter for name, letter in FLAG_LETTERS if name in self.flags)
 
 
-def read_links() -> dict[str, Link]:
-    """MTU, flags and speed of every device in the exporter's own network namespace, by the
-    ioctls netstat -i uses (psutil.net_if_stats). The flags are the kernel's dev_get_flags(),
-    RUNNING included, which /sys/class/net/*/flags does not carry."""
-    return {name: Link(stats.mtu, frozenset(filter(None, stats.flags.split(","))), stats.speed)
-            for name, stats in psutil.net_if_stats().items()}
+def read_links(devices: Iterable[str]) -> dict[str, Link]:
+    """MTU and flags of each device, by the ioctls netstat -i uses. The flags are the kernel's
+    dev_get_flags(), RUNNING included, which /sys/class/net/*/flags does not carry. Names
+    go to the kernel as the bytes they were read as (any byte but / : and whitespace)."""
+    links = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for device in devices:
+            request = IFREQ.pack(os.fsencode(device)[:15])
+            try:
+                flags = struct.unpack_from("=H", fcntl.ioctl(sock, SIOCGIFFLAGS, request), 16)[0]
+                mtu = struct.unpack_from("=i", fcntl.ioctl(sock, SIOCGIFMTU, request), 16)[0]
+            except OSError as exc:
+                if exc.errno not in _SKIP:
+                    raise
+                continue
+            links[device] = Link(mtu, frozenset(n for n, bit in IFF.items() if flags & bit))
+    return links
 
 
 @dataclass(frozen=True)
@@ -85,4 +109,5 @@ class InterfaceTable:
 
 
 def read_table(procfs: str = "/proc", missing: list[str] | None = None) -> InterfaceTable:
-    return InterfaceTable(read(procfs, missing), read_links())
+    counters = read(procfs, missing)
+    return InterfaceTable(counters, read_links(counters))

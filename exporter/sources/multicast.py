@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from . import files
+
 
 class MulticastParseError(ValueError):
     pass
@@ -74,7 +76,7 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> list[Member
     for name, parse in (("igmp", parse_igmp), ("igmp6", parse_igmp6)):
         path = os.path.join(procfs, "net", name)
         try:
-            stream = open(path, encoding="ascii")
+            stream = files.open_text(path)
         except FileNotFoundError:
             if name == "igmp6" and missing is not None:  # IPv6 disabled
                 missing.append(path)

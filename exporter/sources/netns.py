@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
 
+from . import files
+
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
@@ -85,9 +87,7 @@ def discover(procfs: str = "/proc", named_dirs=NAMED_DIRS) -> tuple[list[Namespa
             inode = os.stat(path).st_ino
             if inode in seen:
                 continue
-            with open(os.path.join(procfs, str(pid), "comm"), encoding="utf-8",
-                      errors="replace") as f:
-                comm = f.read().strip()
+            comm = files.read_text(os.path.join(procfs, str(pid), "comm"), 64).strip()
         except OSError as exc:
             if exc.errno not in _SKIP:
                 raise

@@ -12,6 +12,7 @@ import os
 import socket
 from typing import IO, Iterable, Iterator
 
+from . import files
 from .table import SocketTable
 
 FILES = {
@@ -37,8 +38,8 @@ def parse_endpoint(text: str, family: int) -> tuple[tuple[int, int, int, int], i
     addr, sep, port = text.partition(":")
     if not sep or len(addr) != _ADDR_HEX[family] or len(port) != 4:
         raise ValueError(f"bad endpoint {text!r}")
-    words = tuple(int(addr[i:i + 8], 16) for i in range(0, len(addr), 8))
-    return (words + (0, 0, 0))[:4], int(port, 16)
+    words = tuple(files.hex_integer(addr[i:i + 8], "address") for i in range(0, len(addr), 8))
+    return (words + (0, 0, 0))[:4], files.hex_integer(port, "port")
 
 
 def parse_lines(lines: Iterable[str], family: int, name: str = "?") -> Iterator[tuple]:
@@ -48,6 +49,7 @@ def parse_lines(lines: Iterable[str], family: int, name: str = "?") -> Iterator[
     "   0: 0100007F:0CEA 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
     0 4242 ..." -> (10, (0x0100007F, 0, 0, 0), 3306, (0, 0, 0, 0), 0, 0, 0, 0, 4242)
     """
+    lineno = 0
     for lineno, line in enumerate(lines, start=1):
         if lineno == 1:
             if not line.lstrip().startswith("sl"):
@@ -61,14 +63,18 @@ def parse_lines(lines: Iterable[str], family: int, name: str = "?") -> Iterator[
                 raise ValueError("too few fields")
             local, lport = parse_endpoint(fields[1], family)
             remote, rport = parse_endpoint(fields[2], family)
-            state = int(fields[3], 16)
+            state = files.hex_integer(fields[3], "state", 255)
             tx, sep, rx = fields[4].partition(":")
-            if not sep or not 0 < state < 256:
+            if not sep or not state:
                 raise ValueError("bad state or queues")
-            yield (state, local, lport, remote, rport, int(rx, 16), int(tx, 16),
-                   int(fields[7]), int(fields[9]))
+            u32 = (1 << 32) - 1
+            yield (state, local, lport, remote, rport, files.hex_integer(rx, "rx_queue", u32),
+                   files.hex_integer(tx, "tx_queue", u32),
+                   files.integer(fields[7], "uid", 0, u32), files.integer(fields[9], "inode"))
         except ValueError as exc:
-            raise ProcParseError(f"{name}:{lineno}: {exc}: {line.rstrip()!r}") from None
+            raise ProcParseError(f"{name}:{lineno}: {exc}: {line.rstrip()[:200]!r}") from None
+    if lineno == 0:  # not even the header: a truncated or wrong file, not "no sockets"
+        raise ProcParseError(f"{name}: empty, without the socket table header")
 
 
 def _table(rows: list[tuple], family: int) -> SocketTable:
@@ -100,7 +106,7 @@ def read(protocol: int, procfs: str = "/proc", missing: list[str] | None = None
     for name, family in FILES[protocol]:
         path = os.path.join(procfs, "net", name)
         try:
-            stream = open(path, encoding="ascii", errors="strict")
+            stream = files.open_text(path, files.LARGE)
         except OSError as exc:
             # Only the IPv6 tables may be absent (IPv6 disabled); without the IPv4 one
             # there is no honest count to give.
@@ -108,8 +114,5 @@ def read(protocol: int, procfs: str = "/proc", missing: list[str] | None = None
                 missing.append(path)
                 continue
             raise
-        with stream:
-            try:
-                yield from parse_file(stream, family, path)
-            except UnicodeDecodeError as exc:
-                raise ProcParseError(f"{path}: not ASCII: {exc}") from None
+        with stream as lines:
+            yield from parse_file(lines, family, path)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import files
+
 # Expected while walking a live /proc: the process exited (ENOENT, ESRCH) or is not ours
 # to look at (EACCES, EPERM). Anything else is a real error.
 _SKIP = {errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM}
@@ -44,8 +46,7 @@ def read(procfs: str = "/proc") -> SocketOwners:
     for pid in pids:
         base = os.path.join(procfs, str(pid))
         try:
-            with open(os.path.join(base, "comm"), encoding="utf-8", errors="replace") as f:
-                name = f.read().rstrip("\n") or "?"
+            name = files.read_text(os.path.join(base, "comm"), 64).rstrip("\n") or "?"
             links = []
             with os.scandir(os.path.join(base, "fd")) as fds:
                 for fd in fds:

@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from . import files
+
 RTF_UP, RTF_GATEWAY, RTF_HOST, RTF_REJECT = 0x1, 0x2, 0x4, 0x200
 
 
@@ -88,11 +90,11 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> list[Route]
     """Both tables; ipv6_route may be absent (IPv6 disabled)."""
     routes = []
     path = os.path.join(procfs, "net", "route")
-    with open(path, encoding="ascii") as stream:
+    with files.open_text(path, files.LARGE) as stream:
         routes.extend(parse_ipv4(stream, path))
     path = os.path.join(procfs, "net", "ipv6_route")
     try:
-        stream = open(path, encoding="ascii")
+        stream = files.open_text(path, files.LARGE)
     except FileNotFoundError:
         if missing is not None:
             missing.append(path)

@@ -13,6 +13,8 @@ import os
 import re
 from typing import Iterable, Iterator
 
+from . import files
+
 Stats = dict[str, dict[str, int]]  # group -> field -> value, in file order
 
 FILES = ("snmp", "netstat")
@@ -66,11 +68,17 @@ def parse_snmp6(lines: Iterable[str], name: str = "?") -> Iterator[tuple[str, st
         yield match.group(1), match.group(2), _int(parts[1], name, lineno, parts[0])
 
 
+# The one field the kernel prints negative: Tcp MaxConn is -1 ("no limit"). Every other field
+# is a counter or a small gauge, 0 to 2**64-1.
+SIGNED = {"MaxConn"}
+
+
 def _int(text: str, name: str, lineno: int, field: str) -> int:
     try:
-        return int(text)
-    except ValueError:
-        raise SnmpParseError(f"{name}:{lineno}: {field} is not an integer: {text!r}") from None
+        return files.integer(text, f"{name}:{lineno}: {field}",
+                             minimum=-(1 << 63) if field in SIGNED else 0)
+    except ValueError as exc:
+        raise SnmpParseError(str(exc)) from None
 
 
 def _collect(triples: Iterator[tuple[str, str, int]], stats: Stats, name: str) -> None:
@@ -87,11 +95,11 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> Stats:
     stats: Stats = {}
     for name in FILES:
         path = os.path.join(procfs, "net", name)
-        with open(path, encoding="ascii") as stream:
+        with files.open_text(path) as stream:
             _collect(parse_pairs(stream, path), stats, path)
     path = os.path.join(procfs, "net", "snmp6")
     try:
-        stream = open(path, encoding="ascii")
+        stream = files.open_text(path)
     except OSError as exc:
         if exc.errno != errno.ENOENT or missing is None:
             raise

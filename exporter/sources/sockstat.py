@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from . import files
+
 
 class SockstatParseError(ValueError):
     pass
@@ -37,27 +39,25 @@ def parse(lines: Iterable[str], name: str = "?") -> Iterator[tuple[str, str, int
                                      f"{line.rstrip()!r}")
         for key, value in zip(parts[::2], parts[1::2]):
             try:
-                yield protocol.strip(), key, int(value)
-            except ValueError:
-                raise SockstatParseError(f"{name}:{lineno}: {key} is not an integer: "
-                                         f"{value!r}") from None
+                yield protocol.strip(), key, files.integer(value, f"{name}:{lineno}: {key}")
+            except ValueError as exc:
+                raise SockstatParseError(str(exc)) from None
 
 
 def _read_ints(path: str, count: int) -> tuple[int, ...] | None:
     """A sysctl file of `count` integers; None when it does not exist (e.g. /proc/sys not
     mounted in a container)."""
     try:
-        with open(path, encoding="ascii") as stream:
-            text = stream.read()
+        text = files.read_text(path)
     except FileNotFoundError:
         return None
     values = text.split()
     if len(values) != count:
-        raise SockstatParseError(f"{path}: expected {count} integers, got {text.strip()!r}")
+        raise SockstatParseError(f"{path}: expected {count} integers, got {text.strip()[:80]!r}")
     try:
-        return tuple(int(v) for v in values)
-    except ValueError:
-        raise SockstatParseError(f"{path}: not integers: {text.strip()!r}") from None
+        return tuple(files.integer(v, path) for v in values)
+    except ValueError as exc:
+        raise SockstatParseError(str(exc)) from None
 
 
 def read(procfs: str = "/proc", missing: list[str] | None = None) -> Sockstat:
@@ -65,7 +65,7 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> Sockstat:
     for name in ("sockstat", "sockstat6"):
         path = os.path.join(procfs, "net", name)
         try:
-            stream = open(path, encoding="ascii")
+            stream = files.open_text(path)
         except OSError as exc:
             if name == "sockstat6" and exc.errno == errno.ENOENT and missing is not None:
                 missing.append(path)
