@@ -290,3 +290,6 @@ def snapshot_main(argv: list[str]) -> int:
             time.sleep(args.watch)
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:  # `snapshot | head`: the reader is done, so are we
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

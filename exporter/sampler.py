@@ -83,10 +83,17 @@ class Sampler:
         self.current: dict[str, Any] = {}  # this sample's results so far, by view
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self._errors: dict[str, str] = {}  # view -> its current error, while failing
+        self._said: set[str] = set()  # once() keys already logged
         self._effective_interval = interval
         self._snapshot: Snapshot | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def once(self, key: str, message: str) -> None:
+        """Log a reader's message (a fallback, a missing privilege) the first time only."""
+        if key not in self._said:
+            self._said.add(key)
+            log.warning("%s", message)
 
     def previous(self, name: str):
         """A view's data in the last snapshot (for top-N hysteresis), None if it failed."""

@@ -183,3 +183,39 @@ def _nest(pairs) -> dict:
     for (outer, inner), value in pairs.items():
         out.setdefault(outer, {})[inner] = value
     return out
+
+
+def conntrack(snapshot, args, previous=None) -> str:
+    """netstat -M: the conntrack table by protocol and state, and NAT'd entries by source."""
+    data = snapshot.results["conntrack"].data
+    if data is None:
+        return "# nf_conntrack is not loaded"
+    flows = data.flows
+    if args.json:
+        return json.dumps({"entries": data.table.entries, "limit": data.table.limit,
+                           "source": data.flows_source, "stats": data.stats,
+                           "flows": None if flows is None else {
+                               "by_state": [{"protocol": p, "state": s, "entries": n}
+                                            for (p, s), n in sorted(flows.flows.items())],
+                               "nat": [{"protocol": p, "nat": k, "entries": n}
+                                       for (p, k), n in sorted(flows.nat.items())],
+                               "nat_sources": [{"source": s, "entries": n}
+                                               for s, n in flows.nat_sources]}})
+    lines = [f"conntrack entries {data.table.entries} of {data.table.limit}"]
+    if flows is None:
+        lines.append("# entries by state need CAP_NET_ADMIN (or root for /proc/net/nf_conntrack)")
+        return "\n".join(lines)
+    nat = {}
+    for (protocol, kind), count in flows.nat.items():
+        nat[kind] = nat.get(kind, 0) + count
+    lines.append(f"IP masquerading entries: source NAT {nat.get('source', 0)}, destination "
+                 f"NAT {nat.get('destination', 0)}")
+    lines.append(f"{'prot':<8} {'state':<12} {'entries':>9}")
+    for (protocol, state), count in sorted(flows.flows.items(), key=lambda kv: (-kv[1], kv[0])):
+        if count:
+            lines.append(f"{protocol:<8} {state or '-':<12} {count:>9}")
+    if any(count for _source, count in flows.nat_sources):
+        lines.append(f"{'entries':>9} NAT'd from source")
+        lines += [f"{count:>9} {printable(source)}" for source, count in flows.nat_sources
+                  if count]
+    return "\n".join(lines)

@@ -20,9 +20,9 @@ from prometheus_client import CollectorRegistry
 from . import aggregate, tables
 from .collectors import ScrapeCollector, network, snmp as snmp_collectors, tcp as tcp_collectors
 from .collectors import udp as udp_collectors
-from .sources import (conntrack, interfaces, multicast, netns, processes, routes, snmp,
-                      sockdiag, sockstat)
-from .sources.sockets import SocketReader, note_missing
+from .sources import (conntrack, ctnetlink, interfaces, multicast, netns, processes, routes,
+                      snmp, sockdiag, sockstat)
+from .sources.sockets import REFUSED, SocketReader, note_missing
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,66 @@ def _file_source(read) -> Callable[[Any], Any]:
     return reader
 
 
+@dataclass(frozen=True)
+class ConntrackData:
+    table: Any  # count and limit (sources.conntrack.Conntrack)
+    flows: Any  # aggregate.FlowSummary, or None where no entry could be read
+    flows_source: str  # "netlink", "proc" or "none"
+    stats: Any  # per-CPU statistics summed, or None
+
+
+def _conntrack(ctx) -> ConntrackData | None:
+    missing: list[str] = []
+    table = conntrack.read(ctx.reader.procfs, missing)
+    note_missing(ctx.reader.missing, missing)
+    if table is None:  # nf_conntrack not loaded: nothing to report, nothing failed
+        return None
+    stats = conntrack.read_stats(ctx.reader.procfs, missing)
+    previous = ctx.previous("conntrack")
+    previous_flows = previous.flows if previous is not None else None
+    flows, source = _flows(ctx, previous_flows)
+    return ConntrackData(table, flows, source, stats)
+
+
+def _flows(ctx, previous):
+    """Entries over ctnetlink (CAP_NET_ADMIN); where that is refused, /proc/net/nf_conntrack
+    (root only); else count and limit alone. Each fallback is said once."""
+    options = ctx.remote or aggregate.RemoteOptions()
+    refusal = OSError(errno.EPERM, "--collector.sockets.source=proc")
+    try:
+        if ctx.reader.mode != "proc":  # proc: no netlink at all, as for the socket tables
+            return (_count_flows(lambda: ctnetlink.dump(ctx.reader.buffer), options, previous),
+                    "netlink")
+    except OSError as exc:
+        if isinstance(exc, sockdiag.DumpError) or exc.errno not in REFUSED:
+            raise
+        refusal = exc
+    path = f"{ctx.reader.procfs}/net/nf_conntrack"
+    try:
+        summary = _count_flows(lambda: iter([ctnetlink.read_proc(ctx.reader.procfs)]), options,
+                               previous)
+    except (FileNotFoundError, PermissionError) as exc:
+        ctx.once("conntrack-none", f"ctnetlink not used ({refusal.strerror}) and {path} "
+                 f"unreadable ({exc.strerror}): conntrack count and limit only (entries by "
+                 "state need CAP_NET_ADMIN)")
+        return None, "none"
+    ctx.once("conntrack-proc", f"ctnetlink not used ({refusal.strerror}): reading {path} "
+             "for conntrack entries")
+    return summary, "proc"
+
+
+def _count_flows(batches, options, previous):
+    for _attempt in range(3):  # an interrupted dump is read again from the start
+        acc = aggregate.FlowAccumulator(options)
+        try:
+            for table in batches():
+                acc.add(table)
+            return acc.result(previous)
+        except sockdiag.DumpInterrupted:
+            continue
+    raise sockdiag.DumpInterrupted(errno.EINTR, "conntrack dump interrupted three times")
+
+
 def _namespaces(ctx) -> aggregate.NetnsSummary:
     def states_here() -> dict[str, int]:
         for _attempt in range(3):  # an interrupted dump is read again, as the host's is
@@ -165,9 +225,14 @@ VIEWS: tuple[View, ...] = (
          collector=lambda options: network.InterfacesCollector(),
          tables=(Table("-i", "--interfaces", "print interface counters, like netstat -i",
                        tables.interfaces, ("interfaces",)),)),
-    View("conntrack", "the netfilter conntrack table's use and limit", default=True,
-         privileges="none", read=_file_source(conntrack.read),
-         collector=lambda options: network.ConntrackCollector()),
+    View("conntrack", "the conntrack table: use and limit, entries by protocol, TCP state and "
+         "NAT, top NAT sources, per-CPU statistics (netstat -M)", default=True,
+         privileges="none for use, limit and statistics; CAP_NET_ADMIN for entries (else "
+         "/proc/net/nf_conntrack, readable by root)", read=_conntrack,
+         collector=lambda options: network.ConntrackCollector(),
+         tables=(Table("-M", "--masquerade", "print conntrack entries by protocol and state "
+                       "and NAT'd entries by original source, like netstat -M",
+                       tables.conntrack, ("conntrack",)),)),
     View("routes", "routes per device and the default routes, like netstat -r", default=True,
          privileges="none", read=_file_source(routes.read),
          collector=lambda options: network.RoutesCollector(),

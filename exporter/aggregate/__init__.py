@@ -3,6 +3,7 @@
 One module per concern (states, remotes, programs, namespaces, the series limit, and tcp
 that runs a dump through them); callers keep using `aggregate.NAME` through these re-exports.
 """
+from .conntrack import FlowAccumulator, FlowSummary
 from .namespaces import NetnsSummary, summarize_namespaces
 from .programs import NO_PROGRAM, UNKNOWN_PROGRAM, ProgramAccumulator, ProgramSummary
 from .ranking import HYSTERESIS_MIN, HYSTERESIS_RATIO, OTHER, top_n
@@ -14,7 +15,7 @@ from .states import (FAMILIES, PORT_STATES, QUEUES, REMOTE_STATES, UDP_STATES, L
 from .tcp import TcpAccumulator, TcpSummary, summarize_tcp
 
 __all__ = [
-    "EXCLUDED", "FAMILIES", "HYSTERESIS_MIN", "HYSTERESIS_RATIO", "Listener", "MIN_SERIES_LIMIT",
+    "EXCLUDED", "FAMILIES", "FlowAccumulator", "FlowSummary", "HYSTERESIS_MIN", "HYSTERESIS_RATIO", "Listener", "MIN_SERIES_LIMIT",
     "NO_PROGRAM", "NetnsSummary", "OTHER", "PORT_STATES", "ProgramAccumulator", "ProgramSummary",
     "QUEUES", "REMOTE_STATES", "RemoteAccumulator", "RemoteCounts", "RemoteKey", "RemoteOptions",
     "RemoteSummary", "SERIES_LIMITED", "TcpAccumulator", "TcpSummary", "UDP_STATES",

@@ -45,14 +45,53 @@ class InterfacesCollector:
 
 
 class ConntrackCollector:
-    def collect(self, _snapshot, table):
-        if table is None:  # nf_conntrack not loaded: nothing to report, nothing failed
+    def collect(self, _snapshot, data):
+        if data is None:  # nf_conntrack not loaded: nothing to report, nothing failed
             return
         yield gauge("conntrack_entries", "Connections in the netfilter conntrack table "
-                    "(nf_conntrack_count).").add((), table.entries).metric
+                    "(nf_conntrack_count).").add((), data.table.entries).metric
         yield gauge("conntrack_entries_limit", "Size limit of the conntrack table "
                     "(nf_conntrack_max); new connections are dropped when it is full.").add(
-                        (), table.limit).metric
+                        (), data.table.limit).metric
+        yield gauge("conntrack_flows_source", "1 for where the entries by state come from: "
+                    "netlink (ctnetlink), proc (/proc/net/nf_conntrack) or none (count and "
+                    "limit only: no CAP_NET_ADMIN).", ("source",)).add(
+                        (data.flows_source,), 1).metric
+        if data.flows is not None:
+            yield from self._flows(data.flows)
+        if data.stats is not None:
+            for field, value in data.stats.items():
+                yield counter(f"conntrack_stat_{field}", f"/proc/net/stat/nf_conntrack "
+                              f"{field}, summed over CPUs.").add((), value).metric
+
+    @staticmethod
+    def _flows(flows):
+        entries = gauge("conntrack_flows", "Conntrack entries read from the table per protocol "
+                        "and TCP conntrack state (conntrack -L; state empty for protocols "
+                        "without one).", ("protocol", "state"))
+        for labels, count in sorted(flows.flows.items()):
+            entries.add(labels, count)
+        yield entries.metric
+        nat = gauge("conntrack_nat_flows", "Conntrack entries with source NAT (masquerade "
+                    "included) or destination NAT, per protocol.", ("protocol", "nat"))
+        for labels, count in sorted(flows.nat.items()):
+            nat.add(labels, count)
+        yield nat.metric
+        for name, doc, counts in (
+                ("conntrack_assured_flows", "Conntrack entries marked ASSURED (seen both "
+                 "ways long enough: never early-dropped).", flows.assured),
+                ("conntrack_unreplied_flows", "Conntrack entries that have seen no reply "
+                 "([UNREPLIED]).", flows.unreplied)):
+            family = gauge(name, doc + " Per protocol.", ("protocol",))
+            for protocol, count in sorted(counts.items()):
+                family.add((protocol,), count)
+            yield family.metric
+        sources = gauge("conntrack_nat_source_flows", "NAT'd conntrack entries per original "
+                        "source address (netstat -M): the top --remote.top, the rest in "
+                        "source=\"other\".", ("source",))
+        for source, count in flows.nat_sources:
+            sources.add((source,), count)
+        yield sources.metric
 
 
 class RoutesCollector:

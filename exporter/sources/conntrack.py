@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from . import files
+from . import ctnetlink, files
 
 
 class ConntrackParseError(ValueError):
@@ -41,3 +41,14 @@ def read(procfs: str = "/proc", missing: list[str] | None = None) -> Conntrack |
                 missing.append(path)
             return None
     return Conntrack(entries=values[0], limit=values[1])
+
+
+def read_stats(procfs: str = "/proc", missing: list[str] | None = None) -> dict[str, int] | None:
+    """The kernel's per-CPU statistics summed (found, insert_failed, drop, early_drop, ...);
+    None where /proc/net/stat/nf_conntrack does not exist (module not loaded)."""
+    try:
+        return ctnetlink.read_stats(procfs)
+    except FileNotFoundError:
+        if missing is not None:
+            missing.append(os.path.join(procfs, "net", "stat", "nf_conntrack"))
+        return None

@@ -110,31 +110,40 @@ def dump(protocol: int, family: int = socket.AF_UNSPEC, states: int = ALL_STATES
     try:
         seq = int.from_bytes(os.urandom(4), "little") or 1
         msg_type, request = build_request(protocol, family, states, seq)
-        sock.send(request)
-        buf = buffer if buffer is not None else bytearray(BATCH_BYTES)
-        if len(buf) < 2 * _DATAGRAM_ROOM:
-            raise ValueError("dump buffer smaller than two datagrams")
-        view = memoryview(buf)
-        pos = 0
-        while True:
-            n, _ancdata, flags, _addr = sock.recvmsg_into([view[pos:pos + _DATAGRAM_ROOM]])
-            if flags & _MSG_TRUNC:  # never expected (see _DATAGRAM_ROOM); never silent
-                raise DumpError(errno.EMSGSIZE, "netlink datagram larger than the receive buffer")
-            done = _check_datagram(view[pos:pos + n], seq)
-            pos += n
-            if done or len(buf) - pos < _DATAGRAM_ROOM:
-                table = decode(view[:pos], seq, msg_type)
-                if len(table):
-                    yield table
-                pos = 0
-            if done:
-                return
+        for batch in receive(sock, request, seq, buffer, "sock_diag"):
+            table = decode(batch, seq, msg_type)
+            if len(table):
+                yield table
     finally:
         if own:
             sock.close()
 
 
-def _check_datagram(data: memoryview, seq: int) -> bool:
+def receive(sock: socket.socket, request: bytes, seq: int, buffer: bytearray | None,
+            what: str) -> Iterator[memoryview]:
+    """Send a netlink dump request; yield buffers of whole messages (datagrams received back
+    to back into `buffer`, handed over whenever it is nearly full and at the end). The views
+    are valid until the next one is asked for."""
+    sock.send(request)
+    buf = buffer if buffer is not None else bytearray(BATCH_BYTES)
+    if len(buf) < 2 * _DATAGRAM_ROOM:
+        raise ValueError("dump buffer smaller than two datagrams")
+    view = memoryview(buf)
+    pos = 0
+    while True:
+        n, _ancdata, flags, _addr = sock.recvmsg_into([view[pos:pos + _DATAGRAM_ROOM]])
+        if flags & _MSG_TRUNC:  # never expected (see _DATAGRAM_ROOM); never silent
+            raise DumpError(errno.EMSGSIZE, "netlink datagram larger than the receive buffer")
+        done = _check_datagram(view[pos:pos + n], seq, what)
+        pos += n
+        if done or len(buf) - pos < _DATAGRAM_ROOM:
+            yield view[:pos]
+            pos = 0
+        if done:
+            return
+
+
+def _check_datagram(data: memoryview, seq: int, what: str = "sock_diag") -> bool:
     """Look at one datagram's ends only: does it start with an error or end the dump?
 
     A dump ends with NLMSG_DONE (20 bytes: header and an int), often appended to the last
@@ -145,7 +154,7 @@ def _check_datagram(data: memoryview, seq: int) -> bool:
     length, msg_type, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(data, 0)
     if msg_type == NLMSG_ERROR:
         err = NLMSGERR_ERRNO.unpack_from(data, NLMSGHDR.size)[0]
-        raise OSError(-err, f"sock_diag dump refused: {os.strerror(-err)}")
+        raise OSError(-err, f"{what} dump refused: {os.strerror(-err)}")
     if len(data) < 20:
         return False
     length, msg_type, _flags, msg_seq, _pid = NLMSGHDR.unpack_from(data, len(data) - 20)
@@ -177,14 +186,9 @@ def _message_starts(words: np.ndarray, seq: int) -> np.ndarray:
     return np.asarray(starts, dtype=np.int64)
 
 
-def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
-    """Decode a buffer of whole netlink messages (one or more datagrams) into a SocketTable.
-
-    Worked example (one IPv4 listener on 127.0.0.1:3306, accept queue 0, backlog 128):
-    header (124, 18, NLM_F_MULTI, seq, pid), then family 2, state 10, sport b"\\x0c\\xea",
-    src[0] = 0x0100007F on a little-endian host, rqueue 0, wqueue 128 -> one row with
-    family=2, state=10, local_port=3306, recv_q=0, send_q=128.
-    """
+def data_messages(data: memoryview | bytes, seq: int, msg_type: int, what: str):
+    """(words, halves, word index of every data message) of a buffer of whole messages;
+    raises on an interrupted dump (DumpInterrupted), an error, or anything unexpected."""
     if len(data) % 4:
         raise DumpError(errno.EPROTO, f"netlink buffer of {len(data)} bytes is not 4-aligned")
     words = np.frombuffer(data, dtype=np.uint32)
@@ -193,7 +197,7 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
     types = halves[2 * starts + 2]
     flags = halves[2 * starts + 3]
     if np.any(flags & NLM_F_DUMP_INTR):
-        raise DumpInterrupted(errno.EINTR, "sock_diag dump interrupted")
+        raise DumpInterrupted(errno.EINTR, f"{what} dump interrupted")
     is_data = types == msg_type
     other = starts[~is_data]
     for start in other:
@@ -204,10 +208,21 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
             raise DumpError(errno.EPROTO, f"netlink message type {kind} without its errno")
         err = int(np.frombuffer(data, dtype=np.int32, count=1, offset=4 * start + 16)[0])
         if err or kind == NLMSG_ERROR:
-            raise OSError(-err, f"sock_diag dump failed: {os.strerror(-err)}")
+            raise OSError(-err, f"{what} dump failed: {os.strerror(-err)}")
         if start != starts[-1]:
             raise DumpError(errno.EPROTO, "NLMSG_DONE before the end of the dump")
-    b = starts[is_data]
+    return words, halves, starts[is_data]
+
+
+def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
+    """Decode a buffer of whole netlink messages (one or more datagrams) into a SocketTable.
+
+    Worked example (one IPv4 listener on 127.0.0.1:3306, accept queue 0, backlog 128):
+    header (124, 18, NLM_F_MULTI, seq, pid), then family 2, state 10, sport b"\\x0c\\xea",
+    src[0] = 0x0100007F on a little-endian host, rqueue 0, wqueue 128 -> one row with
+    family=2, state=10, local_port=3306, recv_q=0, send_q=128.
+    """
+    words, _halves, b = data_messages(data, seq, msg_type, "sock_diag")
     if not len(b):
         return SocketTable.empty()
     if int(words[b].min()) < _MIN_MSG_LEN:

@@ -1,0 +1,225 @@
+"""netstat -M for real: a router namespace doing MASQUERADE and DNAT between a client and a
+server namespace, real TCP connections in several states and UDP flows, every count checked
+against conntrack -L / -C / -S run in the same namespace."""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from exporter.sampler import Sampler, SocketReader
+from exporter.sources import ctnetlink
+from exporter.views import build_registry
+from tests.conftest import unavailable
+from tests.kernel import wait_for
+
+SERVER = """
+import socket, sys, time
+lst = socket.socket(); lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+lst.bind(("0.0.0.0", 9000)); lst.listen(64)
+web = socket.socket(); web.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+web.bind(("0.0.0.0", 80)); web.listen(64)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); udp.bind(("0.0.0.0", 5353))
+print("ready", flush=True)
+held = []
+lst.settimeout(0.05); web.settimeout(0.05); udp.settimeout(0.05)
+while True:
+    for s in (lst, web):
+        try:
+            held.append(s.accept()[0])
+        except OSError:
+            pass
+    try:
+        data, peer = udp.recvfrom(100)
+        if data == b"answer":
+            udp.sendto(b"ok", peer)
+    except OSError:
+        pass
+"""
+
+
+@pytest.fixture
+def nat(netns_factory):
+    """client 10.0.1.2 -> router (10.0.1.1 | 10.0.2.1, MASQUERADE out, DNAT :8080 -> :80)
+    -> server 10.0.2.2, which drops SYNs to port 9999."""
+    if shutil.which("conntrack") is None or shutil.which("iptables") is None:
+        unavailable("conntrack and iptables are not installed (Debian packages conntrack, iptables)")
+    client, router, server = netns_factory(), netns_factory(), netns_factory()
+    subprocess.run(["ip", "link", "add", "c0", "netns", client.name, "type", "veth", "peer",
+                    "name", "r0", "netns", router.name], check=True)
+    subprocess.run(["ip", "link", "add", "r1", "netns", router.name, "type", "veth", "peer",
+                    "name", "s0", "netns", server.name], check=True)
+    for ns, dev, addr in ((client, "c0", "10.0.1.2/24"), (router, "r0", "10.0.1.1/24"),
+                          (router, "r1", "10.0.2.1/24"), (server, "s0", "10.0.2.2/24")):
+        ns.ip("addr", "add", addr, "dev", dev)
+        ns.ip("link", "set", dev, "up")
+    client.ip("route", "add", "default", "via", "10.0.1.1")
+    server.ip("route", "add", "default", "via", "10.0.2.1")
+    router.sysctl("net.ipv4.ip_forward", "1")
+    router.exec("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "r1", "-j", "MASQUERADE")
+    router.exec("iptables", "-t", "nat", "-A", "PREROUTING", "-i", "r0", "-p", "tcp",
+                "--dport", "8080", "-j", "DNAT", "--to-destination", "10.0.2.2:80")
+    server.exec("iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9999", "-j", "DROP")
+    proc = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", SERVER],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    held = []
+    try:
+        with client.entered():
+            for _ in range(3):  # masqueraded, ESTABLISHED
+                held.append(socket.create_connection(("10.0.2.2", 9000), timeout=5))
+            for _ in range(2):  # DNAT'd (and masqueraded on the way out), ESTABLISHED
+                held.append(socket.create_connection(("10.0.1.1", 8080), timeout=5))
+            closing = socket.create_connection(("10.0.2.2", 9000), timeout=5)
+            closing.close()  # the client closes, the server holds on: CLOSE_WAIT
+            syn = socket.socket()  # dropped by the server: SYN_SENT in the router
+            syn.setblocking(False)
+            syn.connect_ex(("10.0.2.2", 9999))
+            held.append(syn)
+            for port in (5353, 5353, 5353):  # answered: seen both ways
+                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                udp.sendto(b"answer", ("10.0.2.2", port))
+                udp.settimeout(5)
+                assert udp.recv(10) == b"ok"
+                held.append(udp)
+            for _ in range(2):  # never answered: [UNREPLIED]
+                udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                udp.sendto(b"silence", ("10.0.2.2", 5353))
+                held.append(udp)
+        wait_for(lambda: conntrack_list(router).count("\n") >= 12, timeout=5,
+                 what="the router to track every flow")
+        yield router
+    finally:
+        for sock in held:
+            sock.close()
+        proc.kill()
+        proc.wait()
+
+
+def conntrack_list(ns, *flags) -> str:
+    return ns.exec("conntrack", "-L", *flags, check=False)
+
+
+def tool_counts(text: str) -> collections.Counter:
+    """conntrack -L lines -> Counter of (protocol, state or "")."""
+    counts = collections.Counter()
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        state = fields[3] if fields[0] == "tcp" else ""
+        counts[fields[0], state] += 1
+    return counts
+
+
+@pytest.mark.netns
+def test_entries_by_state_nat_and_statistics_match_the_conntrack_tool(nat):
+    router = nat
+    with router.entered():
+        snapshot = Sampler(SocketReader("netlink"), collectors=["conntrack"]).sample_once()
+        listing = conntrack_list(router)
+        src_nat = conntrack_list(router, "--src-nat")
+        dst_nat = conntrack_list(router, "--dst-nat")
+        count = int(router.exec("conntrack", "-C").strip())
+        stats = router.exec("conntrack", "-S")
+    result = snapshot.results["conntrack"]
+    assert result.ok, result.error
+    data = result.data
+    assert data.flows_source == "netlink"
+    ours = collections.Counter({k: v for k, v in data.flows.flows.items() if v})
+    assert ours == tool_counts(listing)
+    assert ours[("tcp", "ESTABLISHED")] == 5 and ours[("tcp", "SYN_SENT")] == 1
+    assert ours[("udp", "")] == 5
+    nat_by_kind = collections.Counter()
+    for (_protocol, kind), n in data.flows.nat.items():
+        nat_by_kind[kind] += n
+    assert nat_by_kind["source"] == len(src_nat.splitlines()) > 0
+    assert nat_by_kind["destination"] == len(dst_nat.splitlines()) == 2
+    assert dict(data.flows.nat_sources) == {"10.0.1.2": len(listing.splitlines()), "other": 0}
+    assert data.flows.unreplied["udp"] == listing.count("[UNREPLIED]") - sum(
+        1 for line in listing.splitlines() if line.startswith("tcp") and "[UNREPLIED]" in line)
+    assert data.table.entries == count
+    tool = collections.Counter()
+    for line in stats.splitlines():
+        for key, value in re.findall(r"(\w+)=(\d+)", line):
+            if key != "cpu":
+                tool[key] += int(value)
+    for field in ("found", "invalid", "insert", "insert_failed", "drop", "early_drop",
+                  "search_restart"):
+        assert data.stats[field] == tool[field], field
+    assert data.stats["icmp_error"] == tool["error"]
+    get = build_registry(lambda: snapshot, "t").get_sample_value
+    assert get("netstat_conntrack_flows", {"protocol": "tcp", "state": "ESTABLISHED"}) == 5
+    assert get("netstat_conntrack_flows", {"protocol": "tcp", "state": "CLOSE_WAIT"}) == 1
+    assert get("netstat_conntrack_flows", {"protocol": "tcp", "state": "LAST_ACK"}) == 0
+    assert get("netstat_conntrack_nat_flows", {"protocol": "tcp", "nat": "destination"}) == 2
+    assert get("netstat_conntrack_stat_insert_failed_total") == tool["insert_failed"]
+    assert get("netstat_conntrack_flows_source", {"source": "netlink"}) == 1
+
+
+@pytest.mark.netns
+def test_proc_fallback_and_cli_table_agree_with_netlink(nat):
+    router = nat
+    with router.entered():
+        table = ctnetlink.read_proc("/proc/thread-self")
+        dumped = list(ctnetlink.dump())
+    assert len(table) == sum(len(t) for t in dumped)
+    assert sorted(table.protocol.tolist()) == sorted(x for t in dumped for x in t.protocol.tolist())
+    assert sorted(table.state.tolist()) == sorted(x for t in dumped for x in t.state.tolist())
+    masked = ctnetlink.IPS_SRC_NAT | ctnetlink.IPS_DST_NAT | ctnetlink.IPS_ASSURED \
+        | ctnetlink.IPS_SEEN_REPLY
+    assert sorted((table.status & masked).tolist()) == \
+        sorted(x for t in dumped for x in (t.status & masked).tolist())
+    done = subprocess.run(["ip", "netns", "exec", router.name, sys.executable, "-m", "exporter",
+                           "snapshot", "-M"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^tcp\s+ESTABLISHED\s+5$", done.stdout, re.M)
+    assert re.search(r"^\s+\d+ 10\.0\.1\.2$", done.stdout, re.M)
+    assert "destination NAT 2" in done.stdout
+    done = subprocess.run(["ip", "netns", "exec", router.name, sys.executable, "-m", "exporter",
+                           "snapshot", "-M", "--json"], capture_output=True, text=True, timeout=30)
+    document = json.loads(done.stdout)
+    assert document["source"] == "netlink" and document["entries"] >= 12
+
+
+STAT_HEADER = "entries  clashres found new invalid ignore delete chainlength insert " \
+              "insert_failed drop early_drop icmp_error  expect_new expect_create " \
+              "expect_delete search_restart\n"
+
+
+def test_statistics_are_summed_over_cpus_and_entries_left_out():
+    cpu = "0000000a  00000000 00000002 00000000 00000001 00000000 00000000 00000000 " \
+          "00000003 00000004 00000005 00000006 00000000  00000000 00000000 00000000 00000007\n"
+    stats = ctnetlink.parse_stats(io.StringIO(STAT_HEADER + cpu + cpu), "stat")
+    assert "entries" not in stats
+    assert (stats["found"], stats["insert_failed"], stats["drop"], stats["search_restart"]) == \
+        (4, 8, 10, 14)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_never_crash_the_stat_or_proc_parsers(data):
+    text = data.decode("utf-8", "surrogateescape")
+    for parse in (ctnetlink.parse_stats, ctnetlink.parse_proc):
+        try:
+            parse(io.StringIO(text), "f")
+        except ValueError as exc:
+            assert str(exc).startswith("f")
+
+
+@given(st.binary(max_size=400).map(lambda b: b[: len(b) - len(b) % 4]))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bytes_never_crash_the_netlink_decoder(data):
+    try:
+        table = ctnetlink.decode(data, 7)
+    except OSError:
+        return
+    assert len(table) <= len(data) // 24
