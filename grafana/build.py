@@ -301,7 +301,34 @@ def overview_panels():
                 "{{instance}}")], "percentunit",
               "Entries in the firewall's connection tracking table over its size, per host. A "
               "full table drops new connections.",
-              runbook=["NetstatConntrackTableFilling", "NetstatConntrackTableFull"]),
+              runbook=["NetstatConntrackTableFilling", "NetstatConntrackTableFull",
+                       "NetstatConntrackTableFillingUp"],
+              drill=["conntrack entries by protocol and state"]),
+        row("conntrack (netstat -M)"),
+        panel("timeseries", "conntrack entries by protocol and state",
+              [(f'sum by (protocol, state) (netstat_conntrack_flows{{{SEL}}})',
+                "{{protocol}} {{state}}")], "short",
+              "What fills the connection tracking table: entries per protocol and, for TCP, "
+              "per tracking state (needs CAP_NET_ADMIN; netstat_conntrack_flows_source says "
+              "where they were read).",
+              runbook=["NetstatConntrackTableFillingUp"]),
+        panel("timeseries", "conntrack NAT'd entries and top sources",
+              [(f"sum by (nat) (netstat_conntrack_nat_flows{{{SEL}}})", "{{nat}} NAT", False, "A"),
+               (f'topk(10, sum by (source) (netstat_conntrack_nat_source_flows{{{SEL}}}))',
+                "from {{source}}", False, "B")], "short",
+              "Masqueraded (source NAT) and port-forwarded (destination NAT) entries, and the "
+              "original sources with the most NAT'd entries (netstat -M); \"other\" sums the "
+              "sources past the top --remote.top."),
+        panel("timeseries", "conntrack drops, insert failures, early drops per host",
+              [(f"sum by (instance) (rate(netstat_conntrack_stat_drop_total{{{SEL}}}[{RI}]))",
+                "{{instance}} dropped/s", False, "A"),
+               (f"sum by (instance) (rate(netstat_conntrack_stat_insert_failed_total{{{SEL}}}[{RI}]))",
+                "{{instance}} insert failed/s", False, "B"),
+               (f"sum by (instance) (rate(netstat_conntrack_stat_early_drop_total{{{SEL}}}[{RI}]))",
+                "{{instance}} early-dropped/s", False, "C")], "short",
+              "Packets dropped for want of a conntrack entry, lost insert races (parallel DNS "
+              "queries), and entries evicted from a full table, per host.",
+              runbook=["NetstatConntrackDropping", "NetstatConntrackEarlyDropping"]),
         row("UDP and interfaces"),
         panel("timeseries", "UDP sockets and buffer errors",
               [(f"sum by (state) (netstat_udp_sockets{{{SEL}}})", "{{state}} sockets", False, "A"),

@@ -81,6 +81,15 @@ CONFIG: dict[str, object] = {
     "conntrackFillingFor": "5m",
     "conntrackFullRatio": 0.9,
     "conntrackFullFor": "2m",
+    # Predictive: the table's trend over conntrackPredictWindow reaches conntrackFullRatio of
+    # the limit within conntrackPredictHorizon, while already above conntrackPredictMinRatio.
+    "conntrackPredictWindow": "1h",
+    "conntrackPredictHorizon": "4h",
+    "conntrackPredictMinRatio": 0.5,
+    "conntrackPredictFor": "15m",
+    # Entries dropped (table full, insert races under UDP load) or early-dropped (the kernel
+    # evicting unassured entries to make room): any, sustained over conntrackDropsFor.
+    "conntrackDropsFor": "5m",
     # The exporter itself.
     "exporterDownFor": "5m",
     "exporterAbsentFor": "15m",

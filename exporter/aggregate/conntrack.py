@@ -82,14 +82,17 @@ class FlowAccumulator:
         for state in TCP_STATES:  # every TCP state, so alerts on one never go absent
             flows.setdefault(("tcp", state), 0)
         flows.setdefault(("udp", ""), 0)
+        nat = {(protocol_name(int(p)), kind): int(counts[p])
+               for kind, counts in self._nat.items() for p in np.flatnonzero(counts)}
+        for protocol in ("tcp", "udp"):  # present when zero, like the states
+            for kind in NAT_KINDS:
+                nat.setdefault((protocol, kind), 0)
         incumbents = previous.members if previous is not None else frozenset()
         shown = top_n(self._sources, self.options.top, incumbents)
         rest = sum(self._sources.values()) - sum(count for _key, count in shown)
         return FlowSummary(
             flows=MappingProxyType(flows),
-            nat=MappingProxyType({(protocol_name(int(p)), kind): int(counts[p])
-                                  for kind, counts in self._nat.items()
-                                  for p in np.flatnonzero(counts)}),
+            nat=MappingProxyType(nat),
             assured=_by_protocol(self._assured), unreplied=_by_protocol(self._unreplied),
             nat_sources=tuple((key.text(self.options.mask_key), count) for key, count in shown)
             + ((OTHER, rest),),
