@@ -223,3 +223,55 @@ def test_arbitrary_bytes_never_crash_the_netlink_decoder(data):
     except OSError:
         return
     assert len(table) <= len(data) // 24
+
+
+rows = st.lists(st.tuples(st.sampled_from([socket.AF_INET, socket.AF_INET6]),
+                          st.sampled_from([6, 17, 1, 132, 250]), st.integers(0, 9),
+                          st.integers(0, 0x3F), st.integers(0, 3)), max_size=60)
+
+
+@given(rows, st.integers(0, 3), st.sampled_from([32, 24]))
+@settings(max_examples=200, deadline=None)
+def test_counting_matches_a_plain_python_reference(entries, top, prefix_v4):
+    """Entries per protocol and state, NAT kinds, and the top NAT sources with other, against
+    the same counted one entry at a time."""
+    import ipaddress
+    import numpy as np
+    from exporter import aggregate
+    from exporter.aggregate.conntrack import protocol_name
+    addresses = {socket.AF_INET: ["10.0.0.1", "10.0.0.2", "10.0.1.9", "192.0.2.7"],
+                 socket.AF_INET6: ["fd00::1", "fd00::2", "2001:db8::1", "::ffff:10.0.0.1"]}
+    table = ctnetlink.FlowTable(
+        np.array([e[0] for e in entries], np.uint8), np.array([e[1] for e in entries], np.uint8),
+        np.array([e[2] if e[1] == 6 else ctnetlink.NO_STATE for e in entries], np.uint8),
+        np.array([e[3] for e in entries], np.uint32),
+        np.array([np.frombuffer(socket.inet_pton(e[0], addresses[e[0]][e[4]]).ljust(16, b"\0"),
+                                np.uint32) for e in entries], np.uint32).reshape(-1, 4))
+    acc = aggregate.FlowAccumulator(aggregate.RemoteOptions(top=top, prefix_v4=prefix_v4))
+    half = len(entries) // 2  # two batches
+    for part in (slice(0, half), slice(half, None)):
+        acc.add(ctnetlink.FlowTable(table.family[part], table.protocol[part],
+                                    table.state[part], table.status[part], table.source[part]))
+    summary = acc.result()
+    flows, nat, sources = collections.Counter(), collections.Counter(), collections.Counter()
+    for family, proto, state, status, which in entries:
+        state_name = ctnetlink.TCP_STATES[state] if proto == 6 else ""
+        flows[protocol_name(proto), state_name] += 1
+        if status & ctnetlink.IPS_SRC_NAT:
+            nat[protocol_name(proto), "source"] += 1
+        if status & ctnetlink.IPS_DST_NAT:
+            nat[protocol_name(proto), "destination"] += 1
+        if status & (ctnetlink.IPS_SRC_NAT | ctnetlink.IPS_DST_NAT):
+            prefix = prefix_v4 if family == socket.AF_INET else 128
+            net = ipaddress.ip_network(f"{addresses[family][which]}/{prefix}", strict=False)
+            sources[str(net.network_address) if net.prefixlen == net.max_prefixlen
+                    else str(net)] += 1
+    assert {k: v for k, v in summary.flows.items() if v} == dict(flows)
+    assert {k: v for k, v in summary.nat.items() if v} == dict(nat)
+    shown = dict(summary.nat_sources)
+    assert sum(shown.values()) == sum(sources.values())  # exact, "other" included
+    assert len(shown) <= top + 1
+    for source, count in shown.items():
+        if source != "other":
+            assert sources[source] == count
+            assert all(count >= c for s, c in sources.items() if s not in shown)
