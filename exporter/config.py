@@ -41,6 +41,7 @@ class Config:
     idle_timeout: float = 120.0
     sample_interval: float = 5.0
     peak_window: float = 60.0
+    fast_interval: float = 1.0
     socket_source: str = "auto"
     procfs: str = "/proc"
     listen_limit: int = 100
@@ -193,6 +194,10 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                           "seconds between samples of the kernel (default 5)"),
     "--sample.peak-window": ("peak_window", _seconds(0),
                              "seconds over which netstat_tcp_connections_peak is kept (default 60)"),
+    "--sample.fast-interval": ("fast_interval", _seconds(0, 60),
+                               "seconds between state-filtered dumps of the states the alerts "
+                               "watch (SYN_RECV, CLOSE_WAIT, FIN_WAIT2, ...), feeding the "
+                               "peaks; 0 turns the fast lane off (default 1)"),
     "--collector.sockets.source": ("socket_source", _choice(SOURCE_MODES),
                                    "auto (netlink, falling back to /proc), netlink or proc"),
     "--path.procfs": ("procfs", _directory, "procfs mount point (default /proc)"),

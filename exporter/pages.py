@@ -123,6 +123,10 @@ class Pages:
         if age > limit:
             text = f"stale: last sample {age:.1f}s ago (limit {limit:.1f}s)"
             return Reply(503, (text if detailed else "stale").encode() + b"\n")
+        blocked = sorted(getattr(snapshot, "blocked", ()))
+        if blocked:  # a read that never returns: the exporter is not well, say so
+            text = f"blocked: {', '.join(blocked)} not answering"
+            return Reply(503, (text if detailed else "blocked").encode() + b"\n")
         failed = sorted(name for name, r in snapshot.results.items() if not r.ok)
         text = f"ok: last sample {age:.1f}s ago" + (f"; failing: {', '.join(failed)}"
                                                     if failed else "")

@@ -12,6 +12,8 @@ import collections
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -40,6 +42,8 @@ class Snapshot:
     # metric -> series cut by --series.limit since start (a counter)
     truncated_total: Mapping[str, int] = field(default_factory=dict)
     socket_sources: Mapping[str, str] = field(default_factory=dict)  # protocol -> netlink|proc
+    blocked: frozenset = frozenset()  # views whose read has not returned within its budget
+    fast_duration: float | None = None  # seconds the last fast-lane read took (None: off)
 
 
 class Sampler:
@@ -55,6 +59,7 @@ class Sampler:
                  peak_window: float = 60.0, remote: aggregate.RemoteOptions | None = None,
                  programs: int | None = None, collectors: Iterable[str] | None = None,
                  namespaces: int | None = None, views: Sequence | None = None,
+                 fast_interval: float = 0.0, budget: float | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         """collectors: the views to read (default: those on by default)."""
@@ -67,6 +72,17 @@ class Sampler:
         self.programs = programs if programs is not None else 20  # top-N programs
         self.namespaces = namespaces if namespaces is not None else 20  # top-N namespaces
         self.peak_window = peak_window
+        # the fast lane: every fast_interval (0: off) the views' cheap reads feed the peaks
+        self.fast_interval = fast_interval
+        self.fast_buffer = bytearray(len(reader.buffer))  # its own: it runs beside a sample
+        self._fast_duration: float | None = None
+        self._fast_thread: threading.Thread | None = None
+        # the watchdog: a read not back within `budget` seconds is reported failed, and the
+        # view is skipped until that read returns; other views and shutdown never wait on it
+        self.budget = budget if budget is not None else max(10.0, 2 * interval)
+        self._workers: dict[str, ThreadPoolExecutor] = {}
+        self._stuck: dict[str, tuple[Future, str]] = {}  # view -> (read, when it began)
+        self._history_lock = threading.Lock()
         self._clock = clock
         self._wall_clock = wall_clock
         names = {v.name for v in views}
@@ -112,7 +128,7 @@ class Sampler:
         for view in self.views:
             name, t0 = view.name, self._clock()
             try:
-                data = view.read(self)
+                data = self._read(view)
             except Exception as exc:  # one failing source must never stop the others
                 # Log when a source starts failing or fails differently, not every sample.
                 if self._errors.get(name) != str(exc):
@@ -133,7 +149,34 @@ class Sampler:
                         results=MappingProxyType(results),
                         peaks=MappingProxyType(self._update_peaks(finished, results)),
                         truncated_total=MappingProxyType(dict(self.truncated_total)),
-                        socket_sources=MappingProxyType(dict(self.reader.sources)))
+                        socket_sources=MappingProxyType(dict(self.reader.sources)),
+                        blocked=frozenset(self._stuck), fast_duration=self._fast_duration)
+
+    def _read(self, view):
+        """view.read(self) in the view's own worker thread, waited for at most the budget."""
+        stuck = self._stuck.get(view.name)
+        if stuck is not None:
+            future, since = stuck
+            if not future.done():  # the same words each time: logged once, not per sample
+                raise TimeoutError(f"blocked: the read started at {since} has not returned "
+                                   f"(a hung mount, a stuck netlink socket?)")
+            del self._stuck[view.name]
+            log.warning("collector %s returned after blocking; reading it again", view.name)
+        worker = self._workers.get(view.name)
+        if worker is None:
+            worker = self._workers[view.name] = ThreadPoolExecutor(
+                1, thread_name_prefix=f"read-{view.name}")
+        future = worker.submit(view.read, self)
+        try:
+            return future.result(timeout=self.budget)
+        except FutureTimeout:
+            self._stuck[view.name] = (future, time.strftime(
+                "%H:%M:%S", time.localtime(self._wall_clock() - self.budget)))
+            # the blocked read keeps its buffer: the others get a fresh one
+            self.reader.buffer = bytearray(len(self.reader.buffer))
+            self._workers.pop(view.name).shutdown(wait=False)
+            raise TimeoutError(f"no answer within {self.budget:g}s; reported failed until "
+                               f"it returns") from None
 
     def _update_peaks(self, now: float, results: Mapping[str, SourceResult]) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -141,15 +184,40 @@ class Sampler:
             result = results.get(view.name)
             if view.peaks is not None and result is not None and result.ok:
                 counts.update(view.peaks(result.data))
-        if counts:
-            self._history.append((now, counts))
-        while self._history and self._history[0][0] < now - self.peak_window:
-            self._history.popleft()
-        peaks: dict[str, int] = {}
-        for _when, counts in self._history:
-            for key, count in counts.items():
-                peaks[key] = max(peaks.get(key, 0), count)
-        return peaks
+        return self._record_peaks(now, counts)
+
+    def _record_peaks(self, now: float, counts: dict[str, int]) -> dict[str, int]:
+        """Add one reading (a sample's, or the fast lane's for a few states) and return the
+        largest count per key over the peak window."""
+        with self._history_lock:
+            if counts:
+                self._history.append((now, counts))
+            while self._history and self._history[0][0] < now - self.peak_window:
+                self._history.popleft()
+            peaks: dict[str, int] = {}
+            for _when, seen in self._history:
+                for key, count in seen.items():
+                    peaks[key] = max(peaks.get(key, 0), count)
+            return peaks
+
+    def _fast_lane(self) -> None:
+        lanes = [view for view in self.views if view.fast is not None]
+        failing: set[str] = set()
+        while not self._stop.wait(self.fast_interval):
+            started = self._clock()
+            counts: dict[str, int] = {}
+            for view in lanes:
+                try:
+                    counts.update(view.fast(self) or {})
+                except Exception as exc:  # the lane is a bonus: say so once, keep sampling
+                    if view.name not in failing:
+                        failing.add(view.name)
+                        log.warning("fast lane of %s failed (peaks fall back to the samples "
+                                    "alone): %s", view.name, exc)
+                else:
+                    failing.discard(view.name)
+            self._fast_duration = self._clock() - started
+            self._record_peaks(self._clock(), counts)
 
     def sample_once(self) -> Snapshot:
         self._snapshot = self.sample()
@@ -161,11 +229,16 @@ class Sampler:
             self.sample_once()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
         self._thread.start()
+        if self.fast_interval > 0 and any(view.fast for view in self.views):
+            self._fast_thread = threading.Thread(target=self._fast_lane, name="fast-lane",
+                                                 daemon=True)
+            self._fast_thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        for thread in (self._thread, self._fast_thread):
+            if thread is not None:
+                thread.join(timeout)
 
     def _run(self) -> None:
         while True:

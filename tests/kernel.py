@@ -272,4 +272,13 @@ def build_mix(a: Netns, b: Netns) -> SocketMix:
     exp["SYN_RECV", "ipv4"] += len(spoofed)
     mix.expected = dict(exp)
     wait_for(lambda: a.ss_state_counts() == mix.totals(), what="the socket mix to settle")
+    # and the queues: the FIN_WAIT1 sender keeps filling its peer's receive buffer for a while
+    # (longer on a loaded machine), so wait until five readings in a row are the same
+    seen: list = []
+
+    def queues_settled() -> bool:
+        seen.append(sorted((r["state"], r["recv_q"], r["send_q"], r["local"], r["peer"])
+                           for r in a.ss_tcp()))
+        return len(seen) >= 5 and all(s == seen[-1] for s in seen[-5:])
+    wait_for(queues_settled, timeout=20, what="the socket queues to settle")
     return mix

@@ -14,6 +14,7 @@ from exporter import aggregate
 from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
 from exporter.views import BY_NAME
+from tests.kernel import wait_for
 from exporter.sources.table import SocketTable, TcpState, parse_address
 from tests.test_proc_sockets import FIXTURES
 
@@ -264,3 +265,29 @@ def test_after_a_fallback_netlink_is_tried_again_and_both_switches_are_logged(ca
         now["t"] = 1901.0
         assert sampler.sample_once().socket_sources["tcp"] == "proc"  # a failed retry: not
     assert sum("refused for tcp" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_read_that_never_returns_is_reported_and_blocks_nothing(caplog):
+    """A view whose read hangs (a hung mount, a stuck socket): failed within its budget,
+    /healthz 503 while it lasts, the other views read every time, and back once it returns."""
+    from exporter.pages import Pages
+    from prometheus_client import CollectorRegistry
+    release = threading.Event()
+    hung = dataclasses.replace(BY_NAME["snmp"], read=lambda _ctx: release.wait(30) and {})
+    views = (BY_NAME["tcp"], hung)
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), views=views, budget=0.3)
+    pages = Pages(lambda _get: CollectorRegistry(), lambda: sampler.snapshot)
+    with caplog.at_level(logging.WARNING):
+        first = sampler.sample_once()
+        second = sampler.sample_once()
+        health = pages.health()
+        release.set()
+        wait_for(lambda: not sampler.sample_once().blocked, timeout=5, what="the read to return")
+    assert first.results["tcp"].ok and second.results["tcp"].ok
+    assert "no answer within 0.3s" in first.results["snmp"].error
+    assert "has not returned" in second.results["snmp"].error and second.duration < 0.2
+    assert sum("collector snmp failed" in r.getMessage() for r in caplog.records) == 2
+    assert first.blocked == second.blocked == {"snmp"}
+    assert health.status == 503 and health.body.startswith(b"blocked: snmp")
+    assert sampler.snapshot.results["snmp"].ok and pages.health().status == 200
+    assert any("returned after blocking" in r.getMessage() for r in caplog.records)

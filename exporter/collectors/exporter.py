@@ -49,6 +49,10 @@ class ExporterCollector:
         yield gauge("exporter_sample_effective_interval_seconds", "Interval the sampling "
                     "loop keeps now: --sample.interval, stretched when a sample takes more "
                     "than a fifth of it.").add((), snapshot.effective_interval).metric
+        if snapshot.fast_duration is not None:
+            yield gauge("exporter_fast_lane_duration_seconds", "Time the last fast-lane read "
+                        "took (the state-filtered dump feeding the peaks, every "
+                        "--sample.fast-interval).").add((), snapshot.fast_duration).metric
         source = gauge("exporter_socket_source", "1 for the kernel interface the socket "
                        "tables are read from (netlink or proc).", ("protocol", "source"))
         for protocol, name in snapshot.socket_sources.items():
