@@ -199,9 +199,17 @@ def _namespaces(ctx) -> aggregate.NetnsSummary:
                 continue
         raise sockdiag.DumpInterrupted(errno.EINTR, "TCP dump interrupted three times")
 
-    per_namespace, unreadable = netns.walk(ctx.reader.procfs, states_here)
+    found, unreadable, errors = netns.walk(ctx.reader.procfs, states_here)
+    per_namespace: dict[str, dict[str, int]] = {}
+    for label, states in found:  # two namespaces under one label (one program's) add up
+        into = per_namespace.setdefault(label, dict.fromkeys(states, 0))
+        for state, count in states.items():
+            into[state] += count
+    for error in errors:
+        ctx.once(f"netns:{error}", f"netns: a namespace could not be read (the others are "
+                 f"reported): {error}")
     return aggregate.summarize_namespaces(per_namespace, ctx.namespaces, unreadable,
-                                          ctx.previous("netns"))
+                                          ctx.previous("netns"), failed=len(errors))
 
 
 # -- the registry ----------------------------------------------------------------------------

@@ -72,13 +72,59 @@ def test_named_and_process_namespaces_are_counted_from_outside(netns_factory):
             expected_b = {"LISTEN": 1, "CLOSE_WAIT": 1, "FIN_WAIT2": 1}.get(state, 0)
             assert get("netstat_netns_tcp_connections", {"netns": a.name, "state": state}) == expected_a
             assert get("netstat_netns_tcp_connections", {"netns": b.name, "state": state}) == expected_b
-        held = f"pid:{holder.pid}:"
+        # a namespace only a process holds is named after its program (or its container),
+        # never its pid: the label survives a restart
         labels = {k[0] for k in snapshot.results["netns"].data.connections}
-        (name,) = [label for label in labels if label.startswith(held)]
-        assert get("netstat_netns_tcp_connections", {"netns": name, "state": "ESTABLISHED"}) == 4
+        assert not any(str(holder.pid) in label for label in labels)
+        comm = open(f"/proc/{holder.pid}/comm").read().strip()
+        assert get("netstat_netns_tcp_connections", {"netns": f"comm:{comm}",
+                                                     "state": "ESTABLISHED"}) >= 4
+        assert get("netstat_netns_failed") == 0
         assert get("netstat_netns_namespaces") >= 3
     finally:
         for sock in keep:
             sock.close()
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("cgroup, label", [
+    ("0::/system.slice/docker-" + "4b1c" * 16 + ".scope\n", "container:4b1c4b1c4b1c"),
+    ("12:pids:/docker/" + "ab" * 32 + "\n", "container:abababababab"),
+    ("0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e3d4c_aaaa_bbbb_"
+     "cccc_000000000001.slice/cri-containerd-" + "9" * 64 + ".scope\n",
+     "pod:1f2e3d4c-aaaa-bbbb-cccc-000000000001"),
+    ("11:memory:/kubepods/burstable/pod1f2e3d4c-aaaa-bbbb-cccc-000000000002/" + "c" * 64 + "\n",
+     "pod:1f2e3d4c-aaaa-bbbb-cccc-000000000002"),
+    ("0::/machine.slice/libpod-" + "d" * 64 + ".scope\n", "container:dddddddddddd"),
+    ("0::/system.slice/crio-" + "e" * 64 + ".scope\n", "container:eeeeeeeeeeee"),
+    ("0::/user.slice/user-0.slice/session-3.scope\n", None),
+])
+def test_container_and_pod_labels_from_cgroups(cgroup, label):
+    from exporter.sources.netns import container_label
+    assert container_label(cgroup) == label
+
+
+def test_one_failing_namespace_leaves_the_others_counted():
+    per = {"a": counts(ESTABLISHED=2)}
+    summary = summarize_namespaces(per, top=5, failed=1)
+    assert summary.failed == 1 and summary.connections[("a", "ESTABLISHED")] == 2
+
+
+@pytest.mark.netns
+def test_walk_isolates_a_namespace_whose_read_fails(netns_factory):
+    import errno
+    from exporter.sources import netns as netns_source
+    a, b = netns_factory(), netns_factory()
+    calls = []
+
+    def read():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "interrupted once too often")
+        return "read"
+    found, _unreadable, errors = netns_source.walk("/proc", read)
+    mine = [label for label, _ in found if label in (a.name, b.name)]
+    assert len(errors) == 1 and "interrupted once too often" in errors[0]
+    assert len(found) == len(calls) - 1 and all(result == "read" for _l, result in found)
+    assert len(mine) >= 1  # the walk went on past the failure

@@ -18,11 +18,13 @@ class NetnsSummary:
     members: frozenset
     namespaces: int  # namespaces read
     unreadable: int  # namespaces or processes we may not look into
+    failed: int = 0  # namespaces whose read failed (the others are still counted)
 
 
 def summarize_namespaces(per_namespace: Mapping[str, Mapping[str, int]], top: int,
                          unreadable: int = 0,
-                         previous: "NetnsSummary | None" = None) -> NetnsSummary:
+                         previous: "NetnsSummary | None" = None,
+                         failed: int = 0) -> NetnsSummary:
     """per_namespace: name -> state -> count (every state present)."""
     shown, other = top_with_remainder(per_namespace, top,
                                       previous.members if previous else frozenset())
@@ -32,4 +34,4 @@ def summarize_namespaces(per_namespace: Mapping[str, Mapping[str, int]], top: in
             connections[(name, state)] = per_namespace[name][state]
         connections[(OTHER, state)] = other[state]
     return NetnsSummary(connections=MappingProxyType(connections), members=frozenset(shown),
-                        namespaces=len(per_namespace), unreadable=unreadable)
+                        namespaces=len(per_namespace), unreadable=unreadable, failed=failed)

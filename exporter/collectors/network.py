@@ -143,3 +143,6 @@ class NetnsCollector:
                     ).add((), summary.namespaces).metric
         yield gauge("netns_unreadable", "Namespaces or processes the exporter may not look "
                     "into (needs CAP_SYS_ADMIN and CAP_SYS_PTRACE).").add((), summary.unreadable).metric
+        yield gauge("netns_failed", "Namespaces whose sockets could not be read this sample "
+                    "(the others are still reported; the log says why).").add(
+                        (), summary.failed).metric

@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, TypeVar
@@ -46,22 +47,80 @@ def entered(path: str) -> Iterator[None]:
         os.close(home)
 
 
-# Where tools bind-mount named namespaces: iproute2 (`ip netns add`), and Docker.
-NAMED_DIRS = ("/run/netns", "/var/run/docker/netns")
+# Where tools bind-mount named namespaces: iproute2 (`ip netns add`, names chosen by people),
+# and Docker (random names, new with every container start).
+IPROUTE_DIR = "/run/netns"
+DOCKER_DIR = "/var/run/docker/netns"
+NAMED_DIRS = (IPROUTE_DIR, DOCKER_DIR)
 _SKIP = {errno.ENOENT, errno.ESRCH, errno.EACCES, errno.EPERM}
+# /proc/PID/cgroup of a container: Docker, containerd, CRI-O (cgroup v1 and v2), and the
+# Kubernetes pod around it, e.g.
+#   0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1f2e..._c3.slice/
+#      cri-containerd-4b1c...e9.scope
+_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+_CONTAINER = re.compile(r"(?:docker-|cri-containerd-|crio-|libpod-|/docker/|/)([0-9a-f]{64})\b")
 
 
 @dataclass(frozen=True)
 class Namespace:
-    name: str  # the bind-mount's name, or "pid:<lowest pid>:<comm>" for an unnamed one
+    name: str  # a label that survives restarts: see label()
     path: str  # what to open for setns
     inode: int
 
 
+def container_label(cgroup: str) -> str | None:
+    """A namespace's stable name from its process's cgroup: the Kubernetes pod (its
+    containers share one network namespace), else the container; None outside containers.
+
+    "0::/system.slice/docker-4b1c<60 hex>.scope" -> "container:4b1c..." (12 hex digits)
+    "...kubepods-besteffort-pod1f2e3d4c_aaaa_bbbb_cccc_000000000001.slice/..." ->
+    "pod:1f2e3d4c-aaaa-bbbb-cccc-000000000001"
+    """
+    pod = _POD.search(cgroup)
+    if pod:
+        return "pod:" + pod.group(1).replace("_", "-")
+    container = _CONTAINER.search(cgroup)
+    if container:
+        return "container:" + container.group(1)[:12]
+    return None
+
+
+def _holders(procfs: str) -> tuple[dict[int, int], int]:
+    """Network namespace inode -> the lowest pid in it; and processes we could not see."""
+    holders: dict[int, int] = {}
+    skipped = 0
+    for pid in sorted(int(e.name) for e in os.scandir(procfs) if e.name.isdigit()):
+        try:
+            inode = os.stat(os.path.join(procfs, str(pid), "ns", "net")).st_ino
+        except OSError as exc:
+            if exc.errno not in _SKIP:
+                raise
+            skipped += 1
+            continue
+        holders.setdefault(inode, pid)
+    return holders, skipped
+
+
+def _label(procfs: str, pid: int) -> str | None:
+    """container_label of the pid, else "comm:<program>": never the pid, which changes with
+    every restart (each new label is a new series)."""
+    base = os.path.join(procfs, str(pid))
+    try:
+        label = container_label(files.read_text(os.path.join(base, "cgroup")))
+        return label or "comm:" + files.read_text(os.path.join(base, "comm"), 64).strip()
+    except OSError as exc:
+        if exc.errno not in _SKIP:
+            raise
+        return None
+
+
 def discover(procfs: str = "/proc", named_dirs=NAMED_DIRS) -> tuple[list[Namespace], int]:
-    """Every network namespace but our own: named ones first, then those only processes
-    hold. Returns (namespaces, processes we could not look into)."""
+    """Every network namespace but our own, with a label that survives restarts: the name
+    given with `ip netns add`; else the pod or container of a process in it (Docker's own
+    netns names are random per start); else the program holding it. Returns (namespaces,
+    processes we could not look into)."""
     own = os.stat(os.path.join(procfs, "thread-self", "ns", "net")).st_ino
+    holders, skipped = _holders(procfs)
     seen = {own}
     found: list[Namespace] = []
     for directory in named_dirs:
@@ -77,36 +136,38 @@ def discover(procfs: str = "/proc", named_dirs=NAMED_DIRS) -> tuple[list[Namespa
                 if exc.errno not in _SKIP:
                     raise
                 continue
-            if inode not in seen:
-                seen.add(inode)
-                found.append(Namespace(name, path, inode))
-    skipped = 0
-    for pid in sorted(int(e.name) for e in os.scandir(procfs) if e.name.isdigit()):
-        path = os.path.join(procfs, str(pid), "ns", "net")
-        try:
-            inode = os.stat(path).st_ino
             if inode in seen:
                 continue
-            comm = files.read_text(os.path.join(procfs, str(pid), "comm"), 64).strip()
-        except OSError as exc:
-            if exc.errno not in _SKIP:
-                raise
+            seen.add(inode)
+            label = name
+            if directory != IPROUTE_DIR:  # a tool's random name: name it after its holder
+                held = _label(procfs, holders[inode]) if inode in holders else None
+                label = held or f"{os.path.basename(directory)}:{name}"
+            found.append(Namespace(label, path, inode))
+    for inode, pid in sorted(holders.items(), key=lambda item: item[1]):
+        if inode in seen:
+            continue
+        label = _label(procfs, pid)
+        if label is None:
             skipped += 1
             continue
         seen.add(inode)
-        found.append(Namespace(f"pid:{pid}:{comm}", path, inode))
+        found.append(Namespace(label, os.path.join(procfs, str(pid), "ns", "net"), inode))
     return found, skipped
 
 
-def walk(procfs: str, read: Callable[[], T]) -> tuple[dict[str, T], int]:
-    """read() inside every other network namespace: ({name: result}, namespaces or processes
-    we may not look into). setns needs CAP_SYS_ADMIN; a namespace we may not enter, or that
-    vanishes meanwhile, is counted, not fatal.
+def walk(procfs: str, read: Callable[[], T]) -> tuple[list[tuple[str, T]], int, list[str]]:
+    """read() inside every other network namespace: ([(label, result)], namespaces or
+    processes we may not look into, errors of namespaces whose read failed). A namespace
+    we may not enter or that vanishes meanwhile is counted; one whose read fails otherwise is
+    reported apart; neither stops the others. Labels may repeat (two namespaces held by one
+    program): the caller sums.
 
     The walk runs in a thread of its own: if returning from a namespace ever failed, only that
     thread would be left in it, never the sampler that reads the host's sockets."""
     found, unreadable = discover(procfs)
-    results: dict[str, T] = {}
+    results: list[tuple[str, T]] = []
+    errors: list[str] = []
     failure: list[BaseException] = []
 
     def run():
@@ -115,9 +176,11 @@ def walk(procfs: str, read: Callable[[], T]) -> tuple[dict[str, T], int]:
             for namespace in found:
                 try:
                     with entered(namespace.path):
-                        results[namespace.name] = read()
+                        results.append((namespace.name, read()))
                 except (PermissionError, FileNotFoundError, ProcessLookupError):
                     unreadable += 1
+                except OSError as exc:
+                    errors.append(f"{namespace.name}: {exc}")
         except BaseException as exc:  # handed to the calling thread below
             failure.append(exc)
 
@@ -126,4 +189,4 @@ def walk(procfs: str, read: Callable[[], T]) -> tuple[dict[str, T], int]:
     worker.join()
     if failure:
         raise failure[0]
-    return results, unreadable
+    return results, unreadable, errors
