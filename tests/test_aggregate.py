@@ -240,3 +240,150 @@ def test_remote_key_text():
     assert RemoteKey(4, 0xC0000200, 24).text() == "192.0.2.0/24"
     assert RemoteKey(6, 1, 128).text() == "::1"
     assert RemoteKey(6, 0x20010DB8 << 96, 64).text() == "2001:db8::/64"
+
+
+# -- per-remote counting against a plain Python reference (issue 12) --------------------------
+
+V4_POOL = st.builds(lambda net, host: str(ipaddress.IPv4Address(net | host)),
+                    st.sampled_from([0x0A000000, 0x0A000100, 0xC0000200, 0x7F000000, 0]),
+                    st.integers(0, 3))
+# IPv6 peers whose words look like IPv4 ones, or like the mapped marker, or differ only in
+# their last or first bit: nothing may fold them together with another family or address.
+V6_POOL = st.builds(lambda hi, lo: str(ipaddress.IPv6Address(hi << 64 | lo)),
+                    st.sampled_from([0, 0x20010DB8 << 32, 0x20010DB8 << 32 | 1, 0x7F000001 << 32,
+                                     0x0A000001 << 32, 1 << 63]),
+                    st.sampled_from([0, 1, 2, 0xFFFF_0000_0000, 0xFFFF_0A00_0001, 0xFFFE_0A00_0001,
+                                     0x0A00_0001, 1 << 63, (1 << 64) - 1]))
+PEERS = st.one_of(V4_POOL, V6_POOL, V4_POOL.map(lambda a: "::ffff:" + a))
+NETWORKS_12 = ["10.0.0.0/8", "10.0.0.0/24", "0.0.0.0/0", "127.0.0.0/8", "2001:db8::/32",
+               "::/0", "::/96", "::ffff:0:0/96", "7f00::/8", "::1/128", "::ffff:10.0.0.1/128"]
+
+
+def reference_counts(rows, prefix_v4=32, prefix_v6=128, include=(), exclude=()):
+    """state -> Counter of RemoteKey, one address at a time with ipaddress."""
+    per_state = collections.defaultdict(collections.Counter)
+    for state, remote, _port in rows:
+        if state in (TcpState.LISTEN, TcpState.CLOSE):
+            continue
+        addr = ipaddress.ip_address(remote)
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped  # counted as the IPv4 peer it is
+
+        def within(networks):
+            return any(net.version == addr.version and addr in net for net in networks)
+        if (include and not within(include)) or within(exclude):
+            continue
+        prefix = prefix_v4 if addr.version == 4 else prefix_v6
+        net = ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+        per_state[state][RemoteKey(addr.version, int(net.network_address), prefix)] += 1
+    return per_state
+
+
+def ranked(counter):
+    return sorted(counter.items(), key=lambda kc: (-kc[1], kc[0]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(STATES), PEERS,
+                               st.sampled_from([22, 443, 50000])), max_size=80),
+       prefix_v4=st.sampled_from([0, 8, 24, 31, 32]),
+       prefix_v6=st.sampled_from([0, 1, 32, 63, 64, 65, 80, 96, 127, 128]),
+       include=st.lists(st.sampled_from(NETWORKS_12), max_size=2, unique=True),
+       exclude=st.lists(st.sampled_from(NETWORKS_12), max_size=2, unique=True),
+       top=st.integers(1, 6), batches=st.integers(1, 3),
+       merged=st.lists(st.sampled_from(REMOTE_STATES), min_size=2, max_size=4, unique=True))
+def test_remote_counts_equal_a_python_reference(rows, prefix_v4, prefix_v6, include, exclude,
+                                                top, batches, merged):
+    include = tuple(map(ipaddress.ip_network, include))
+    exclude = tuple(map(ipaddress.ip_network, exclude))
+    counts = summarize(rows, prefix_v4=prefix_v4, prefix_v6=prefix_v6, include=include,
+                       exclude=exclude, batches=batches).remote.counts
+    expected = reference_counts(rows, prefix_v4, prefix_v6, include, exclude)
+    for state in REMOTE_STATES:
+        assert counts.top((state,), 1 << 40) == ranked(expected[state])
+        assert counts.top((state,), top) == ranked(expected[state])[:top]  # ties: IPv4, lower
+    total = sum((expected[s] for s in merged), collections.Counter())
+    assert counts.top(merged, 1 << 40) == ranked(total)
+    assert counts.top(merged, top) == ranked(total)[:top]
+    # incumbents: the previous top keeps its place as top_n says, absent ones are dropped
+    incumbents = frozenset(k for k, _ in ranked(total)[-top:]) | {RemoteKey(4, 0x0A0000FF, prefix_v4)}
+    held = frozenset(k for k in incumbents if total.get(k))
+    assert counts.top(merged, top, incumbents) == top_n(dict(total), top, held)
+
+
+def test_remote_counts_at_scale_many_ties_both_families():
+    """100k sockets: 60k remotes with one connection each (the top-N ties), a few heavy ones,
+    IPv4, mapped IPv4 and IPv6 from one /64 (all IPv6 keys share their first word)."""
+    rng = np.random.default_rng(12)
+    n = 100_000
+    v6 = rng.random(n) < 0.5
+    mapped = ~v6 & (rng.random(n) < 0.2)
+    host = rng.permutation(n) % 60_000
+    host[:2000] = rng.integers(0, 5, 2000)  # five heavy remotes
+    words = np.zeros((n, 4), dtype=np.uint32)
+    be = lambda x: np.asarray(x, dtype=">u4").astype(np.uint32) if sys.byteorder == "big" \
+        else np.asarray(x, dtype=np.uint32).byteswap()
+    words[:, 0] = np.where(v6, be(0x20010DB8), np.where(mapped, 0, be(0x0A000000 + host)))
+    words[:, 2] = np.where(mapped, be(0xFFFF), 0)
+    words[:, 3] = np.where(v6, be(host), np.where(mapped, be(0x0A000000 + host), 0))
+    state = np.where(rng.random(n) < 0.8, TcpState.ESTABLISHED, TcpState.TIME_WAIT)
+    t = SocketTable.from_columns({
+        "family": np.where(v6 | mapped, socket.AF_INET6, socket.AF_INET), "state": state,
+        "remote_addr": words, "local_addr": words, "local_port": np.full(n, 443),
+        "remote_port": np.full(n, 1234), "recv_q": np.zeros(n), "send_q": np.zeros(n),
+        "inode": np.zeros(n), "uid": np.zeros(n)})
+    acc = TcpAccumulator(remote=RemoteOptions())
+    for chunk in np.array_split(np.arange(n), 13):
+        acc.add(SocketTable(**{c: getattr(t, c)[chunk] for c in
+                               ("family", "state", "local_addr", "local_port", "remote_addr",
+                                "remote_port", "recv_q", "send_q", "inode", "uid")}))
+    counts = acc.result().remote.counts
+    expected = collections.defaultdict(collections.Counter)
+    for s, six, h in zip(state.tolist(), v6.tolist(), host.tolist()):
+        key = RemoteKey(6, (0x20010DB8 << 96) | h, 128) if six else RemoteKey(4, 0x0A000000 + h, 32)
+        expected[s][key] += 1
+    for s in (TcpState.ESTABLISHED, TcpState.TIME_WAIT):
+        assert counts.top((s,), 20) == ranked(expected[s])[:20]
+        assert counts.top((s,), 30_000) == ranked(expected[s])[:30_000]
+    both = expected[TcpState.ESTABLISHED] + expected[TcpState.TIME_WAIT]
+    assert counts.top((TcpState.ESTABLISHED, TcpState.TIME_WAIT), 50) == ranked(both)[:50]
+    assert len(counts) == len(expected[TcpState.ESTABLISHED]) + len(expected[TcpState.TIME_WAIT])
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0, 1, 1 << 63, (1 << 64) - 1]),
+                               st.integers(0, 40)), max_size=300),
+       rounds=st.sampled_from([1, 2, 12]))
+def test_count_keys_is_exact_whatever_collides(keys, rounds):
+    """Many rows per key, keys differing in one word or only in the tag; with one round only
+    (everything that collides falls through to the sorted fallback) the result is the same."""
+    from exporter.aggregate import remotes
+    tag = np.array([k[0] for k in keys], dtype=np.uint8)
+    hi = np.array([k[1] for k in keys], dtype=np.uint64)
+    lo = np.array([k[2] * 0x9E3779B97F4A7C15 % (1 << 64) for k in keys], dtype=np.uint64)
+    saved, remotes._MAX_ROUNDS = remotes._MAX_ROUNDS, rounds
+    try:
+        rows, counts = remotes.count_keys(hi, lo, tag)
+        weighted_rows, sums = remotes.count_keys(hi, lo, tag, np.arange(len(keys)) + 1)
+    finally:
+        remotes._MAX_ROUNDS = saved
+    expected = collections.Counter(zip(tag.tolist(), hi.tolist(), lo.tolist()))
+    got = {(int(tag[r]), int(hi[r]), int(lo[r])): int(c) for r, c in zip(rows, counts)}
+    assert got == dict(expected) and len(rows) == len(expected)
+    weights = collections.Counter()
+    for i, key in enumerate(zip(tag.tolist(), hi.tolist(), lo.tolist())):
+        weights[key] += i + 1
+    assert {(int(tag[r]), int(hi[r]), int(lo[r])): int(c)
+            for r, c in zip(weighted_rows, sums)} == dict(weights)
+
+
+def test_kth_smallest_and_largest_on_skewed_arrays():
+    from exporter.aggregate.remotes import _kth_smallest, _nth_largest
+    rng = np.random.default_rng(3)
+    for values in (np.ones(200_000, dtype=np.int64), np.r_[np.ones(99_999, dtype=np.int64), 10**6],
+                   rng.integers(0, 50, 150_000), np.arange(300_000)[::-1].copy(),
+                   rng.integers(0, 1 << 63, 100_000, dtype=np.uint64)):
+        ordered = np.sort(values)
+        for k in (1, 2, 19, 20, 1000, len(values)):
+            assert _kth_smallest(values, k) == ordered[k - 1]
+            assert _nth_largest(values, k) == ordered[len(values) - k]
