@@ -10,6 +10,7 @@ options, the previous sample (top-N hysteresis) and the results read so far in t
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import socket
 from dataclasses import dataclass
@@ -92,6 +93,9 @@ def _tcp(ctx) -> aggregate.TcpSummary:
     owners = ctx.current.get("processes")
     summary = read_tcp(ctx.reader, ctx.listen_limit, ctx.remote, ctx.previous("tcp"), owners,
                        ctx.programs or 0)
+    if any(listener.ifindex for listener in summary.listeners):
+        summary = dataclasses.replace(summary, listeners=tuple(
+            _zoned(listener) for listener in summary.listeners))
     if summary.remote is not None:
         for metric, cut in summary.remote.truncated.items():
             ctx.truncated_total[metric] = ctx.truncated_total.get(metric, 0) + cut
@@ -117,6 +121,17 @@ def _tcp_fast(ctx) -> dict[str, int] | None:
     except sockdiag.DumpInterrupted:
         return None  # the next tick tries again
     return {NETSTAT_STATES[state]: int(counts[state]) for state in FAST_STATES}
+
+
+def _zoned(listener):
+    """fe80::1 bound to interface 3 -> address "fe80::1%eth0", as ss prints it."""
+    if not listener.ifindex:
+        return listener
+    try:
+        zone = socket.if_indextoname(listener.ifindex)
+    except OSError:  # the interface went away meanwhile
+        zone = str(listener.ifindex)
+    return dataclasses.replace(listener, address=f"{listener.address}%{zone}")
 
 
 def _file_source(read) -> Callable[[Any], Any]:

@@ -123,3 +123,31 @@ def test_syn_recv_dump_filtered_by_state(mix):
     assert collections.Counter(table.state.tolist()) == {TcpState.SYN_RECV: 7, TcpState.CLOSE_WAIT: 4}
     remotes = sorted(r[4] for r in table.rows() if r[1] == TcpState.SYN_RECV)
     assert remotes == [f"198.18.100.{i}" for i in range(1, 8)]
+
+
+@pytest.mark.netns
+def test_scoped_ipv6_listeners_are_two_listeners_with_their_zones(netns):
+    """fe80::1%a1 and fe80::1%a2 on one port, backlogs 50 and 5: two series, each with its
+    own backlog (not one fe80::1 with 55)."""
+    for dev, peer in (("a1", "b1"), ("a2", "b2")):
+        netns.ip("link", "add", dev, "type", "veth", "peer", "name", peer)
+        netns.ip("link", "set", dev, "up")
+        netns.ip("link", "set", peer, "up")
+        netns.ip("addr", "add", "fe80::1/64", "dev", dev, "nodad")
+    keep = []
+    with netns.entered():
+        for dev, backlog in (("a1", 50), ("a2", 5)):
+            sock = socket.socket(socket.AF_INET6)
+            sock.bind(("fe80::1", 8080, 0, socket.if_nametoindex(dev)))
+            sock.listen(backlog)
+            keep.append(sock)
+        snapshot = Sampler(SocketReader("netlink"), collectors=["tcp"]).sample_once()
+    try:
+        get = build_registry(lambda: snapshot, "t").get_sample_value
+        assert get("netstat_tcp_listen_backlog", {"address": "fe80::1%a1", "port": "8080"}) == 50
+        assert get("netstat_tcp_listen_backlog", {"address": "fe80::1%a2", "port": "8080"}) == 5
+        assert get("netstat_tcp_listen_backlog", {"address": "fe80::1", "port": "8080"}) is None
+        assert get("netstat_tcp_listeners") == 2
+    finally:
+        for sock in keep:
+            sock.close()

@@ -63,6 +63,7 @@ class Listener:
     queue_length: int  # connections waiting for accept()
     backlog: int | None  # the accept queue's limit; None when the source cannot tell
     sockets: int  # SO_REUSEPORT groups share an address:port; their queues are summed
+    ifindex: int = 0  # bound to this interface (fe80::1%eth0); 0: any
 
 
 @dataclass(frozen=True)

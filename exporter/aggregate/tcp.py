@@ -65,7 +65,10 @@ class TcpAccumulator:
     def _add_listeners(self, table: SocketTable, rows: np.ndarray) -> None:
         # Listeners are few: a Python loop over them is cheap and keeps exact integers.
         for i in rows:
-            key = (int(table.family[i]), table.local_addr[i].tobytes(), int(table.local_port[i]))
+            # the interface is part of the key: fe80::1%a1 and fe80::1%a2 on one port are two
+            # listeners with two queues, not one
+            key = (int(table.family[i]), table.local_addr[i].tobytes(), int(table.local_port[i]),
+                   int(table.ifindex[i]))
             entry = self._listeners.setdefault(key, [0, 0, 0])
             entry[0] += int(table.recv_q[i])
             entry[1] += int(table.send_q[i])
@@ -83,7 +86,7 @@ class TcpAccumulator:
         # The fullest queues matter most; ties (mostly empty queues) fall back to port and
         # address so that membership is stable from one sample to the next.
         ordered = sorted(self._listeners.items(),
-                         key=lambda kv: (-kv[1][0], kv[0][2], kv[0][0], kv[0][1]))
+                         key=lambda kv: (-kv[1][0], kv[0][2], kv[0][0], kv[0][1], kv[0][3]))
         remote = None
         shown = min(self.listen_limit, len(ordered))
         if self._remote is not None:
@@ -95,8 +98,9 @@ class TcpAccumulator:
             Listener(family=FAMILY_NAMES[fam],
                      address=format_address(fam, np.frombuffer(raw, dtype=np.uint32)),
                      port=port, queue_length=queued,
-                     backlog=backlog if self.backlog_known else None, sockets=count)
-            for (fam, raw, port), (queued, backlog, count) in ordered[:shown])
+                     backlog=backlog if self.backlog_known else None, sockets=count,
+                     ifindex=ifindex)
+            for (fam, raw, port, ifindex), (queued, backlog, count) in ordered[:shown])
         return TcpSummary(connections=MappingProxyType(connections),
                           queue_bytes=MappingProxyType(queue_bytes), listeners=listeners,
                           listeners_total=len(self._listeners), scanned=self._sockets,

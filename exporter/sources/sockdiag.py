@@ -46,6 +46,7 @@ NLMSGERR_ERRNO = struct.Struct("=i")
 
 # Word offsets (uint32 units) of inet_diag_msg fields from the start of the netlink message.
 _W_FAMILY, _W_PORTS, _W_SRC, _W_DST = 4, 5, 6, 10
+_W_IF = 14  # idiag_if, host order
 _W_RQUEUE, _W_WQUEUE, _W_UID, _W_INODE = 18, 19, 20, 21
 _MIN_MSG_LEN = NLMSGHDR.size + INET_DIAG_MSG.size  # 88
 _LITTLE = np.little_endian
@@ -248,5 +249,6 @@ def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
         send_q=head[:, _W_WQUEUE],
         uid=head[:, _W_UID],
         inode=head[:, _W_INODE],
+        ifindex=head[:, _W_IF],
     )
 

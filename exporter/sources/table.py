@@ -57,7 +57,7 @@ FAMILY_NAMES = {socket.AF_INET: "ipv4", socket.AF_INET6: "ipv6"}
 ADDR_WORDS = 4
 
 COLUMNS = ("family", "state", "local_addr", "local_port", "remote_addr", "remote_port",
-           "recv_q", "send_q", "inode", "uid")
+           "recv_q", "send_q", "inode", "uid", "ifindex")
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,7 +67,9 @@ class SocketTable:
     family: AF_INET or AF_INET6; state: kernel TcpState value; *_addr: (n, 4) uint32 words
     (IPv4 in word 0, the rest zero); *_port: host-order port numbers; recv_q / send_q:
     netstat's Recv-Q / Send-Q (for LISTEN: accept queue length and, from netlink only,
-    backlog); inode, uid: as in /proc/net/tcp.
+    backlog); inode, uid: as in /proc/net/tcp; ifindex: the interface a socket is bound to
+    (idiag_if: a link-local address's zone, or SO_BINDTODEVICE), 0 when none or unknown
+    (/proc/net/tcp6 does not say).
     """
 
     family: np.ndarray
@@ -80,6 +82,11 @@ class SocketTable:
     send_q: np.ndarray
     inode: np.ndarray
     uid: np.ndarray
+    ifindex: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.ifindex is None:  # sources that cannot tell: unbound, as far as we know
+            object.__setattr__(self, "ifindex", np.zeros(len(self.state), dtype=np.uint32))
 
     def __len__(self) -> int:
         return len(self.state)
@@ -104,7 +111,8 @@ class SocketTable:
             remote_addr=col("remote_addr", np.uint32, (ADDR_WORDS,)),
             remote_port=col("remote_port", np.uint16),
             recv_q=col("recv_q", np.uint32), send_q=col("send_q", np.uint32),
-            inode=col("inode", np.uint32), uid=col("uid", np.uint32))
+            inode=col("inode", np.uint32), uid=col("uid", np.uint32),
+            ifindex=col("ifindex", np.uint32) if "ifindex" in columns else None)
 
     @staticmethod
     def concat(tables: list["SocketTable"]) -> "SocketTable":
