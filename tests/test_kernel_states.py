@@ -151,3 +151,33 @@ def test_scoped_ipv6_listeners_are_two_listeners_with_their_zones(netns):
     finally:
         for sock in keep:
             sock.close()
+
+
+def test_listener_cap_keeps_its_members_until_clearly_beaten():
+    """--listen.limit with hysteresis: one connection queued on a listener outside the cap
+    does not push a shown, empty one out; a clearly fuller queue does."""
+    from exporter.aggregate import TcpAccumulator
+    from exporter.sources.table import SocketTable, parse_address
+
+    def listeners(queues):  # port -> accept queue length
+        n = len(queues)
+        words = parse_address("127.0.0.1")[1]
+        return SocketTable.from_columns({
+            "family": [socket.AF_INET] * n, "state": [10] * n, "local_addr": [words] * n,
+            "local_port": list(queues), "remote_addr": [[0] * 4] * n, "remote_port": [0] * n,
+            "recv_q": list(queues.values()), "send_q": [128] * n, "inode": [1] * n,
+            "uid": [0] * n})
+
+    def sample(queues, previous=None):
+        acc = TcpAccumulator(listen_limit=2, previous=previous)
+        acc.add(listeners(queues))
+        return acc.result()
+
+    first = sample({80: 0, 443: 0, 8080: 0})
+    assert [l.port for l in first.listeners] == [80, 443]
+    second = sample({80: 0, 443: 0, 8080: 1}, first)  # one queued connection: no swap
+    assert [l.port for l in second.listeners] == [80, 443]
+    third = sample({80: 0, 443: 0, 8080: 3}, second)  # clearly fuller: it takes a place
+    assert sorted(l.port for l in third.listeners) == [80, 8080]
+    assert third.listeners[0].port == 8080  # shown fullest first
+    assert third.listeners_total == 3

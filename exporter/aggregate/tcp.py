@@ -12,6 +12,7 @@ import numpy as np
 
 from ..sources.table import FAMILY_NAMES, NETSTAT_STATES, SocketTable, TcpState, format_address
 from .programs import ProgramAccumulator, ProgramSummary
+from .ranking import HYSTERESIS_MIN, HYSTERESIS_RATIO
 from .remotes import RemoteAccumulator, RemoteOptions, RemoteSummary
 from .states import (FAMILIES, QUEUES, STATE_SLOTS, Listener, count_state_family, state_totals,
                      sum_by)
@@ -26,6 +27,7 @@ class TcpSummary:
     scanned: int  # sockets decoded
     remote: "RemoteSummary | None" = None  # per remote address and local port, when asked
     programs: "ProgramSummary | None" = None  # per owning program, when asked
+    listener_keys: frozenset = frozenset()  # the listeners shown (next sample's incumbents)
 
     def state_totals(self) -> dict[str, int]:
         return state_totals(self.connections)
@@ -43,6 +45,7 @@ class TcpAccumulator:
         self._previous = previous.remote if previous is not None else None
         self._programs = ProgramAccumulator(owners, program_top) if owners is not None else None
         self._previous_programs = previous.programs if previous is not None else None
+        self._incumbents = previous.listener_keys if previous is not None else frozenset()
         self._counts = np.zeros((STATE_SLOTS, 2), dtype=np.int64)
         self._queues = np.zeros((STATE_SLOTS, 2), dtype=np.int64)
         self._listeners: dict[tuple[int, bytes, int], list[int]] = {}
@@ -83,10 +86,15 @@ class TcpAccumulator:
             if state != TcpState.LISTEN:
                 for col, queue in enumerate(QUEUES):
                     queue_bytes[(name, queue)] = int(self._queues[state, col])
-        # The fullest queues matter most; ties (mostly empty queues) fall back to port and
-        # address so that membership is stable from one sample to the next.
-        ordered = sorted(self._listeners.items(),
-                         key=lambda kv: (-kv[1][0], kv[0][2], kv[0][0], kv[0][1], kv[0][3]))
+        # The fullest queues matter most, with the remote top-N's hysteresis: a listener shown
+        # last time keeps its place until a newcomer's queue clearly beats it, so one queued
+        # connection does not swap series in and out. Ties fall back to port and address.
+        def rank(kv):
+            key, (queued, _backlog, _count) = kv
+            score = queued * HYSTERESIS_RATIO + HYSTERESIS_MIN if key in self._incumbents \
+                else queued
+            return (-score, key not in self._incumbents, key[2], key[0], key[1], key[3])
+        ordered = sorted(self._listeners.items(), key=rank)
         remote = None
         shown = min(self.listen_limit, len(ordered))
         if self._remote is not None:
@@ -100,13 +108,16 @@ class TcpAccumulator:
                      port=port, queue_length=queued,
                      backlog=backlog if self.backlog_known else None, sockets=count,
                      ifindex=ifindex)
-            for (fam, raw, port, ifindex), (queued, backlog, count) in ordered[:shown])
+            for (fam, raw, port, ifindex), (queued, backlog, count)
+            in sorted(ordered[:shown], key=lambda kv: (-kv[1][0], kv[0][2], kv[0][0], kv[0][1],
+                                                       kv[0][3])))
         return TcpSummary(connections=MappingProxyType(connections),
                           queue_bytes=MappingProxyType(queue_bytes), listeners=listeners,
                           listeners_total=len(self._listeners), scanned=self._sockets,
                           remote=remote,
                           programs=self._programs.result(self._previous_programs)
-                          if self._programs is not None else None)
+                          if self._programs is not None else None,
+                          listener_keys=frozenset(key for key, _value in ordered[:shown]))
 
 
 def summarize_tcp(tables: Iterable[SocketTable], **options) -> TcpSummary:
