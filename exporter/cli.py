@@ -127,7 +127,8 @@ def _remote_options(cfg: config.Config) -> RemoteOptions:
 def _sampler(cfg: config.Config, interval: float, views: frozenset[str]) -> Sampler:
     return Sampler(SocketReader(cfg.socket_source, cfg.procfs), interval=interval,
                    listen_limit=cfg.listen_limit, peak_window=cfg.peak_window,
-                   fast_interval=cfg.fast_interval,
+                   fast_interval=cfg.fast_interval, device_include=cfg.device_include,
+                   device_exclude=cfg.device_exclude,
                    remote=_remote_options(cfg), programs=cfg.processes_top,
                    namespaces=cfg.netns_top, collectors=views, views=VIEWS)
 

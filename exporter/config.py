@@ -56,6 +56,8 @@ class Config:
     local_port_top: int = 50
     series_limit: int = 2000
     snmp_fields: re.Pattern | None = None
+    device_include: re.Pattern | None = None
+    device_exclude: re.Pattern | None = None
     netns_top: int = 20
     disabled: tuple = ()  # views switched off by --collector.disable
     processes_top: int = 20
@@ -229,6 +231,12 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                               "namespaces with their own series (default 20)"),
     "--collector.processes.top": ("processes_top", _count(0, 100_000),
                                   "programs with their own series (default 20)"),
+    "--collector.interfaces.device-include": ("device_include", _regex,
+                                              "regex: only these devices are reported "
+                                              "(default: all)"),
+    "--collector.interfaces.device-exclude": ("device_exclude", _regex,
+                                              "regex: these devices are left out (e.g. "
+                                              "'veth.*|cali.*')"),
     "--collector.snmp.fields": ("snmp_fields", _regex,
                                 "regex over Group_Field (e.g. 'Tcp_.*|TcpExt_Listen.*'): the "
                                 "netstat -s fields to export (default: all)"),

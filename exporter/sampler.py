@@ -60,6 +60,7 @@ class Sampler:
                  programs: int | None = None, collectors: Iterable[str] | None = None,
                  namespaces: int | None = None, views: Sequence | None = None,
                  fast_interval: float = 0.0, budget: float | None = None,
+                 device_include=None, device_exclude=None,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time):
         """collectors: the views to read (default: those on by default)."""
@@ -71,6 +72,7 @@ class Sampler:
         self.remote = remote
         self.programs = programs if programs is not None else 20  # top-N programs
         self.namespaces = namespaces if namespaces is not None else 20  # top-N namespaces
+        self.device_include, self.device_exclude = device_include, device_exclude  # regexes
         self.peak_window = peak_window
         # the fast lane: every fast_interval (0: off) the views' cheap reads feed the peaks
         self.fast_interval = fast_interval

@@ -134,6 +134,49 @@ def _zoned(listener):
     return dataclasses.replace(listener, address=f"{listener.address}%{zone}")
 
 
+# Series each shown device makes: the 16 /proc/net/dev counters, MTU, up, running.
+SERIES_PER_DEVICE = 19
+INTERFACE_LIMIT = 256  # most devices with their own series, whatever the budget
+
+
+def _interfaces(ctx) -> interfaces.InterfaceTable:
+    """Devices filtered by --collector.interfaces.device-include/-exclude, then the busiest
+    (bytes both ways) get their own series, with the top-N's hysteresis, as many as fit in
+    what --series.limit leaves after the TCP view's series (at most INTERFACE_LIMIT): a host
+    with 300 cali* devices keeps eth0, and device series count in the budget."""
+    missing: list[str] = []
+    table = interfaces.read_table(ctx.reader.procfs, missing)
+    note_missing(ctx.reader.missing, missing)
+    include, exclude = ctx.device_include, ctx.device_exclude
+    wanted = {device: counters for device, counters in table.counters.items()
+              if (include is None or include.fullmatch(device))
+              and not (exclude is not None and exclude.fullmatch(device))}
+    room = INTERFACE_LIMIT
+    if ctx.remote is not None:
+        room = min(room, max(0, ctx.remote.series_limit - _tcp_series(ctx.current.get("tcp")))
+                   // SERIES_PER_DEVICE)
+    previous = ctx.previous("interfaces")
+    incumbents = frozenset(previous.shown or ()) if previous is not None else frozenset()
+    traffic = {device: c["receive_bytes"] + c["transmit_bytes"] + 1  # idle devices rank too
+               for device, c in wanted.items()}
+    shown = tuple(sorted(device for device, _count in aggregate.top_n(traffic, room, incumbents)))
+    cut = len(wanted) - len(shown)
+    if ctx.remote is not None or cut:  # the counter exists wherever the budget applies
+        ctx.truncated_total["devices"] = ctx.truncated_total.get("devices", 0) + cut
+    return dataclasses.replace(table, counters=wanted, shown=shown)
+
+
+def _tcp_series(summary) -> int:
+    """The labelled series the TCP view made (remotes, ports, listeners)."""
+    if summary is None:
+        return 0
+    per_listener = 2 if any(l.backlog is not None for l in summary.listeners) else 1
+    used = per_listener * len(summary.listeners)
+    if summary.remote is not None:
+        used += len(summary.remote.remote) + len(summary.remote.local_port)
+    return used
+
+
 def _file_source(read) -> Callable[[Any], Any]:
     """A /proc reader whose absent optional files (IPv6 off, module not loaded) are noted once."""
     def reader(ctx):
@@ -268,10 +311,11 @@ VIEWS: tuple[View, ...] = (
          default=True, privileges="none", read=_file_source(sockstat.read),
          collector=lambda options: snmp_collectors.SockstatCollector()),
     View("interfaces", "interface counters, MTU and flags like netstat -i", default=True,
-         privileges="none", read=_file_source(interfaces.read_table),
+         privileges="none", read=_interfaces,
          collector=lambda options: network.InterfacesCollector(),
          tables=(Table("-i", "--interfaces", "print interface counters, like netstat -i",
-                       tables.interfaces, ("interfaces",)),)),
+                       tables.interfaces, ("interfaces",)),),
+         flags=("--collector.interfaces.device-include", "--collector.interfaces.device-exclude")),
     View("conntrack", "the conntrack table: use and limit, entries by protocol, TCP state and "
          "NAT, top NAT sources, per-CPU statistics (netstat -M)", default=True,
          privileges="none for use, limit and statistics; CAP_NET_ADMIN for entries (else "

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -130,3 +132,49 @@ def test_interface_names_with_any_byte_are_read_and_rendered(netns):
     done = subprocess.run(["ip", "netns", "exec", netns.name, sys.executable, "-m", "exporter",
                            "snapshot", "-i"], capture_output=True, timeout=30)
     assert done.returncode == 0 and b"v\\xe91 " in done.stdout and "vé0 ".encode() in done.stdout
+
+
+@pytest.mark.netns
+def test_device_filters_budget_and_the_busiest_kept(netns):
+    """300 quiet cali* devices and one busy eth0: eth0 keeps its series (it used to be the
+    one cut, by name); the filters leave devices out; device series count in the budget."""
+    import re
+    from exporter.aggregate import RemoteOptions
+    netns.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    netns.ip("link", "set", "eth0", "up")
+    netns.ip("link", "set", "eth0p", "up")
+    batch = "".join(f"link add cali{i:03d} type dummy\n" for i in range(300))
+    done = subprocess.run(["ip", "-n", netns.name, "-batch", "-"], input=batch, text=True,
+                          capture_output=True)
+    if done.returncode != 0:  # no dummy links here: veth pairs make two devices each
+        batch = "".join(f"link add cali{i:03d} type veth peer name calp{i:03d}\n"
+                        for i in range(150))
+        subprocess.run(["ip", "-n", netns.name, "-batch", "-"], input=batch, text=True,
+                       check=True, capture_output=True)
+    netns.ip("addr", "add", "10.9.0.1/24", "dev", "eth0")
+    netns.ip("neigh", "add", "10.9.0.2", "lladdr", "02:00:5e:00:53:02", "dev", "eth0")
+    with netns.entered():
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for _ in range(200):
+            sender.sendto(b"x" * 1000, ("10.9.0.2", 9))
+        sender.close()
+
+        def sample(**kwargs):
+            sampler = Sampler(SocketReader("netlink", procfs="/proc/thread-self"),
+                              collectors=["tcp", "interfaces"], remote=RemoteOptions(), **kwargs)
+            return sampler.sample_once()
+        default = sample()
+        filtered = sample(device_exclude=re.compile("cal.*"))
+        tight = Sampler(SocketReader("netlink", procfs="/proc/thread-self"),
+                        collectors=["tcp", "interfaces"],
+                        remote=RemoteOptions(series_limit=28 + 19 * 3)).sample_once()
+    shown = default.results["interfaces"].data.shown
+    # 2000 series by default, those of the TCP view, 19 per device: about a hundred devices
+    assert "eth0" in shown and 90 <= len(shown) <= 2000 // 19
+    assert default.truncated_total["devices"] > 0
+    assert set(filtered.results["interfaces"].data.counters) == {"lo", "eth0", "eth0p"}
+    tight_shown = tight.results["interfaces"].data.shown
+    assert "eth0" in tight_shown and len(tight_shown) <= 3
+    get = build_registry(lambda: default, "t").get_sample_value
+    assert get("netstat_interface_transmit_bytes_total", {"device": "eth0"}) > 0
+    assert get("netstat_exporter_series_truncated_total", {"metric": "netstat_interface_*"}) > 0

@@ -9,7 +9,9 @@ from .base import counter, gauge
 TRUNCATED_METRICS = {"remote": "netstat_tcp_remote_connections",
                      "local_port": "netstat_tcp_local_port_connections",
                      "listen_queue_length": "netstat_tcp_listen_queue_length",
-                     "listen_backlog": "netstat_tcp_listen_backlog"}
+                     "listen_backlog": "netstat_tcp_listen_backlog",
+                     # a device cut loses every per-device family at once
+                     "devices": "netstat_interface_*"}
 
 
 class ExporterCollector:

@@ -7,7 +7,7 @@ import collections
 from ..sources.table import FAMILY_NAMES
 from .base import counter, gauge
 
-# Most devices with their own series: a host with thousands of veths still scrapes small.
+# Most devices with their own series when the reader did not choose (tests, fixtures).
 INTERFACE_LIMIT = 256
 
 
@@ -17,11 +17,12 @@ class InterfacesCollector:
 
     def collect(self, _snapshot, data):
         devices, links = data.counters, data.links
-        total = gauge("interface_devices", "Network devices in /proc/net/dev; at most "
-                      f"{self.limit} (by name) get per-device series.")
+        total = gauge("interface_devices", "Network devices in /proc/net/dev (after "
+                      "--collector.interfaces.device-include/-exclude); the busiest get "
+                      "per-device series, as many as --series.limit leaves room for.")
         total.add((), len(devices))
         yield total.metric
-        shown = sorted(devices)[: self.limit]
+        shown = list(data.shown) if data.shown is not None else sorted(devices)[: self.limit]
         columns = next(iter(devices.values()), {})
         for column in columns:
             family = counter(f"interface_{column}", f"/proc/net/dev {column.replace('_', ' ')} "

@@ -106,6 +106,7 @@ def read_links(devices: Iterable[str]) -> dict[str, Link]:
 class InterfaceTable:
     counters: dict[str, dict[str, int]]  # /proc/net/dev, device -> column -> value
     links: dict[str, Link]  # devices of our own namespace; absent ones have no link data
+    shown: tuple[str, ...] | None = None  # devices with their own series (None: all)
 
 
 def read_table(procfs: str = "/proc", missing: list[str] | None = None) -> InterfaceTable:
