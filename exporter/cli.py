@@ -121,7 +121,8 @@ def _remote_options(cfg: config.Config) -> RemoteOptions:
     return RemoteOptions(
         top=cfg.remote_top, prefix_v4=cfg.remote_prefix_v4, prefix_v6=cfg.remote_prefix_v6,
         include=cfg.remote_include, exclude=cfg.remote_exclude, mask_key=mask_key,
-        local_port_top=cfg.local_port_top, series_limit=cfg.series_limit)
+        local_port_top=cfg.local_port_top, series_limit=cfg.series_limit,
+        min_connections=cfg.remote_min_connections)
 
 
 def _sampler(cfg: config.Config, interval: float, views: frozenset[str]) -> Sampler:

@@ -47,6 +47,7 @@ class Config:
     listen_limit: int = 100
     log_level: str = "info"
     remote_top: int = 20
+    remote_min_connections: int = 2
     remote_prefix_v4: int = 32
     remote_prefix_v6: int = 128
     remote_include: tuple = ()
@@ -208,6 +209,10 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
     "--log.level": ("log_level", _choice(LOG_LEVELS), "debug, info, warning or error"),
     "--remote.top": ("remote_top", _count(0, 100_000),
                      "remote addresses per TCP state with their own series (default 20)"),
+    "--remote.min-connections": ("remote_min_connections", _count(1, 1_000_000),
+                                 "connections a remote needs in a state for a series of its "
+                                 "own; below, it counts in remote=\"other\" (default 2: a "
+                                 "random-source SYN flood makes no series per source)"),
     "--remote.prefix-v4": ("remote_prefix_v4", _count(0, 32),
                            "aggregate IPv4 remotes into networks of this prefix (default 32)"),
     "--remote.prefix-v6": ("remote_prefix_v6", _count(0, 128),

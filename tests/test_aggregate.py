@@ -387,3 +387,23 @@ def test_kth_smallest_and_largest_on_skewed_arrays():
         for k in (1, 2, 19, 20, 1000, len(values)):
             assert _kth_smallest(values, k) == ordered[k - 1]
             assert _nth_largest(values, k) == ordered[len(values) - k]
+
+
+def test_min_connections_keeps_a_random_source_flood_in_other():
+    """1000 SYNs from 1000 new sources every sample: no source gets a series (the churn the
+    flood made before: each a one-connection newcomer), the sums stay exact; a client with
+    several connections keeps its own."""
+    seen_labels = set()
+    previous = None
+    for sample in range(5):
+        rows = [(SR, f"198.18.{sample * 4 + i // 256}.{i % 256}", 443) for i in range(1000)]
+        rows += [(E, "10.0.0.9", 443)] * 3
+        summary = summarize(rows, previous=previous, min_connections=2)
+        remote = summary.remote.remote
+        seen_labels |= {address for (state, address) in remote if state == "SYN_RECV"}
+        assert remote[("SYN_RECV", OTHER)] == 1000
+        assert remote[("ESTABLISHED", "10.0.0.9")] == 3
+        previous = summary
+    assert seen_labels == {OTHER}  # one series for the flood, however long it lasts
+    # without the minimum: twenty new series per sample, a hundred in five samples
+    assert len({a for (s, a) in summarize(rows).remote.remote if s == "SYN_RECV"}) == 21

@@ -41,6 +41,10 @@ class RemoteOptions:
     mask_key: bytes | None = None  # when set, addresses become keyed hashes
     local_port_top: int = 50
     series_limit: int = 2000  # across remote, local-port and listener series
+    # A remote gets its own series only with at least this many connections in a state: a
+    # flood from random sources (one SYN each) lands in OTHER instead of making a new
+    # series per source and sample. The exporter's default (--remote.min-connections) is 2.
+    min_connections: int = 1
 
 
 @dataclass(frozen=True, order=True)
@@ -404,7 +408,8 @@ class RemoteAccumulator:
         for state in REMOTE_STATES:
             name = NETSTAT_STATES[state]
             before = previous.members.get(name, frozenset()) if previous else frozenset()
-            chosen[name] = counts.top((state,), opts.top, before)
+            chosen[name] = [(key, count) for key, count in counts.top((state,), opts.top, before)
+                            if count >= opts.min_connections]
         ports = sorted(set(listening_ports))
         by_port = self._by_port
         port_totals = {port: int(by_port[:, port].sum()) for port in ports}
