@@ -201,6 +201,15 @@ def overview_panels():
               "listener holds at most its backlog; beyond that the kernel answers with cookies.",
               runbook=["NetstatSynRecvHigh"], drill=["SYN queue fill per listening port"]),
         row("Who: remote addresses, ports and listeners"),
+        panel("timeseries", "Client-side TIME_WAIT per destination vs ephemeral ports",
+              [(f'topk(5, max by (instance, destination) (netstat_tcp_client_time_wait{{{SEL}}})'
+                f' / ignoring (destination) group_left max by (instance) '
+                f'(netstat_sockstat_ephemeral_ports{{{SEL}}}))',
+                "{{instance}} to {{destination}}")], "percentunit",
+              "TIME_WAIT sockets this host left behind connecting out to one destination, over "
+              "its ephemeral port range: at 100% new connections to that destination fail "
+              "(EADDRNOTAVAIL). Server-side TIME_WAIT holds no port and is not counted here.",
+              runbook=["NetstatClientTimeWaitExhaustion"], w=24, h=7),
         panel("table", "Top remote addresses (all states)",
               [(f'topk(20, sum by (remote, state) (netstat_tcp_remote_connections{{remote!~"other|excluded",{SEL}}}))',
                 "", True)], "short",

@@ -173,3 +173,35 @@ def test_cli_answers_the_seed_recipes(remotes):
     masked = cli(remotes.ns, "--state", "SYN_RECV", "--remote.mask")
     assert [line.split()[0] for line in masked.splitlines()] == ["5", "3", "2"]
     assert "198.18" not in masked
+
+
+@pytest.mark.netns
+def test_client_side_time_wait_per_destination(netns_factory):
+    """Connections we open and close first leave TIME_WAIT on our side, holding an ephemeral
+    port toward one destination; server-side TIME_WAIT (closed first by our server) holds
+    none and is not counted here."""
+    from exporter.aggregate import RemoteOptions
+    ns = netns_factory()
+    with ns.entered():
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 7500))
+        server.listen(64)
+        for _ in range(6):  # we are the client and close first: client-side TIME_WAIT
+            client = socket.create_connection(("127.0.0.1", 7500))
+            accepted, _ = server.accept()
+            client.close()
+            accepted.close()
+        for _ in range(4):  # our server closes first: TIME_WAIT on the listening port
+            client = socket.create_connection(("127.0.0.1", 7500))
+            accepted, _ = server.accept()
+            accepted.close()
+            client.close()
+        wait_for(lambda: ns.ss_state_counts().get("TIME_WAIT") == 10, what="ten TIME_WAIT")
+        snapshot = Sampler(SocketReader("netlink"), collectors=["tcp"],
+                           remote=RemoteOptions()).sample_once()
+        server.close()
+    get = build_registry(lambda: snapshot, "t").get_sample_value
+    assert get("netstat_tcp_client_time_wait", {"destination": "127.0.0.1:7500"}) == 6
+    assert get("netstat_tcp_client_time_wait", {"destination": "other"}) == 0
+    assert get("netstat_tcp_connections", {"state": "TIME_WAIT", "family": "ipv4"}) == 10

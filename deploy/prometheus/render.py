@@ -71,6 +71,8 @@ CONFIG: dict[str, object] = {
     # TIME_WAIT over the ephemeral range, corroborated by failing connection attempts.
     "timeWaitRatio": 0.7,
     "timeWaitFor": "10m",
+    # Client-side TIME_WAIT toward one destination over the ephemeral range.
+    "clientTimeWaitRatio": 0.5,
     "orphansRatio": 0.5,
     "orphansFor": "10m",
     # Retransmitted segments (SYN and SYN-ACK retransmits left out) over segments sent.

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
@@ -323,6 +323,11 @@ class RemoteSummary:
     port_members: frozenset  # ports shown
     truncated: Mapping[str, int]  # metric -> label sets folded into OTHER by the series limit
     counts: RemoteCounts  # everything, for the CLI's ad-hoc top lists
+    # client-side TIME_WAIT (local port not a listening one) per destination "addr:port",
+    # the top --remote.top and OTHER: the sockets that hold ephemeral ports toward one
+    # destination, which is where ports run out (server-side TIME_WAIT holds none)
+    client_time_wait: Mapping[str, int] = field(default_factory=dict)
+    client_time_wait_members: frozenset = frozenset()
 
 
 class RemoteAccumulator:
@@ -341,11 +346,20 @@ class RemoteAccumulator:
         # sockets per (state, local port); zero pages cost nothing until a port is counted
         self._by_port = np.zeros((STATE_SLOTS, 1 << 16), dtype=np.int64)
         self._excluded = np.zeros(STATE_SLOTS, dtype=np.int64)
+        self._time_wait: list[tuple[np.ndarray, ...]] = []  # (hi, lo, remote port, local port)
 
     def add(self, table: SocketTable) -> None:
         state = table.state
         if not len(state):
             return
+        waiting = np.flatnonzero(state == TcpState.TIME_WAIT)
+        if len(waiting):  # copies: the batch's buffer is reused
+            tw_hi, tw_lo = (np.array(words) for words in _address_words(table.remote_addr[waiting]))
+            tw_v4 = table.family[waiting] == socket.AF_INET
+            tw_lo = np.where(tw_v4, _V4_IN_LO(tw_hi, np.uint64(32)) | np.uint64(_MAPPED_LO), tw_lo)
+            tw_hi = np.where(tw_v4, np.uint64(_MAPPED_HI), tw_hi)
+            self._time_wait.append((tw_hi, tw_lo, table.remote_port[waiting].copy(),
+                                    table.local_port[waiting].copy()))
         connected = state != TcpState.LISTEN
         peered = connected & (state != TcpState.CLOSE)
         hi, lo = _address_words(table.remote_addr)
@@ -435,8 +449,39 @@ class RemoteAccumulator:
                 local_port[(name, str(port))] = int(row[port])
             local_port[(name, OTHER)] = (int(row[ports].sum())
                                          - sum(int(row[p]) for p in shown_ports))
+        client, client_members = self._client_time_wait(
+            ports, previous.client_time_wait_members if previous else frozenset())
         return RemoteSummary(
             remote=MappingProxyType(remote), local_port=MappingProxyType(local_port),
             members=MappingProxyType({n: frozenset(k for k, _ in c) for n, c in chosen.items()}),
             port_members=frozenset(shown_ports), truncated=MappingProxyType(truncated),
-            counts=counts)
+            counts=counts, client_time_wait=MappingProxyType(client),
+            client_time_wait_members=client_members)
+
+    def _client_time_wait(self, listening: list[int], incumbents: frozenset):
+        """TIME_WAIT sockets whose local port is not a listening port (we connected out),
+        counted per destination address and port; exact addresses (no prefix), labels
+        masked like the remotes'."""
+        if not self._time_wait:
+            return {OTHER: 0}, frozenset()
+        hi, lo, rport, lport = (np.concatenate(column) for column in zip(*self._time_wait))
+        client = ~np.isin(lport, np.asarray(listening, dtype=lport.dtype))
+        hi, lo, rport = hi[client], lo[client], rport[client]
+        if not len(hi):
+            return {OTHER: 0}, frozenset()
+        rows, counts = count_keys(hi, lo, rport.astype(np.uint64))
+        destinations = {}
+        for row, count in zip(rows.tolist(), counts.tolist()):
+            value = _value(int(hi[row]), int(lo[row]))
+            key = (RemoteKey(4, value & 0xFFFFFFFF, 32) if value >> 32 == 0xFFFF
+                   else RemoteKey(6, value, 128))
+            destinations[(key, int(rport[row]))] = count
+        shown = [dest for dest, count in top_n(destinations, self.options.top, incumbents)
+                 if count >= self.options.min_connections]
+        out = {}
+        for key, port in shown:
+            text = key.text(self.options.mask_key)
+            out[f"[{text}]:{port}" if key.version == 6 else f"{text}:{port}"] = \
+                destinations[(key, port)]
+        out[OTHER] = int(counts.sum()) - sum(out.values())
+        return out, frozenset(shown)

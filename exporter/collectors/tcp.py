@@ -63,6 +63,16 @@ class TcpCollector:
             local_port.add((port, state), count)
         yield local_port.metric
 
+        client = gauge("tcp_client_time_wait", "Client-side TIME_WAIT sockets (we connected "
+                       "out: the local port is not a listening one) per destination "
+                       "address:port, the top --remote.top and the rest in "
+                       "destination=\"other\". Each holds an ephemeral port toward that "
+                       "destination: compare with netstat_sockstat_ephemeral_ports.",
+                       ("destination",))
+        for destination, count in tcp.remote.client_time_wait.items():
+            client.add((destination,), count)
+        yield client.metric
+
 
 class ProcessesCollector:
     """Reads the attribution the tcp view made with this view's socket owners."""
