@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import struct
 from typing import Iterator
@@ -221,7 +222,7 @@ def parse_stats(lines, name: str = "?") -> dict[str, int]:
     for lineno, line in enumerate(lines, start=1):
         fields = line.split()
         if header is None:
-            if not fields or not all(f.isidentifier() for f in fields):
+            if not fields or not all(re.fullmatch(r"[a-z_][a-z0-9_]*", f) for f in fields):
                 raise ValueError(f"{name}:1: not a statistics header: {line.rstrip()[:200]!r}")
             header = fields
             totals = dict.fromkeys((f for f in header if f != "entries"), 0)

@@ -19,6 +19,9 @@ Stats = dict[str, dict[str, int]]  # group -> field -> value, in file order
 
 FILES = ("snmp", "netstat")
 _SNMP6_NAME = re.compile(r"([A-Za-z]+6)([A-Za-z0-9]+)$")
+# Group and field names become metric names: ASCII letters and digits only ("TcpExt",
+# "ListenOverflows"); anything else is not what the kernel prints.
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 
 class SnmpParseError(ValueError):
@@ -35,10 +38,15 @@ def parse_pairs(lines: Iterable[str], name: str = "?") -> Iterator[tuple[str, st
         if not line.strip():
             continue
         group, sep, rest = line.partition(":")
-        if not sep or not group.isalnum():
+        if not sep or not _NAME.fullmatch(group):
             raise SnmpParseError(f"{name}:{lineno}: expected 'Group: ...': {line.rstrip()!r}")
         if header is None:
-            header = (group, rest.split(), lineno)
+            fields = rest.split()
+            bad = next((f for f in fields if not _NAME.fullmatch(f)), None)
+            if bad is not None:
+                raise SnmpParseError(f"{name}:{lineno}: {group} field {bad[:40]!r} is not a "
+                                     f"name")
+            header = (group, fields, lineno)
             continue
         head_group, fields, head_line = header
         header = None

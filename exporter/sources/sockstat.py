@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from . import files
+
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
 
 class SockstatParseError(ValueError):
@@ -34,7 +38,9 @@ def parse(lines: Iterable[str], name: str = "?") -> Iterator[tuple[str, str, int
             continue
         protocol, sep, rest = line.partition(":")
         parts = rest.split()
-        if not sep or not protocol.strip() or len(parts) % 2:
+        # protocols and keys become label values and metric names: ASCII words only
+        if not sep or not _WORD.fullmatch(protocol.strip()) or len(parts) % 2 \
+                or not all(_WORD.fullmatch(key) for key in parts[::2]):
             raise SockstatParseError(f"{name}:{lineno}: expected 'PROTO: key value ...': "
                                      f"{line.rstrip()!r}")
         for key, value in zip(parts[::2], parts[1::2]):
