@@ -110,3 +110,19 @@ def test_every_series_kind_the_budget_cuts_has_its_metric():
     from exporter import aggregate
     from exporter.collectors.exporter import TRUNCATED_METRICS
     assert set(TRUNCATED_METRICS) == set(aggregate.SERIES_LIMITED) | {"devices"}
+
+
+@pytest.mark.parametrize("name, shown", [
+    ("nginx", "nginx"), ("a\x1b[2Jb", "a\\x1b[2Jb"), ("tab\there", "tab\\there"),
+    ("v\udce90", "v\\xe90"), ("vé0", "vé0"), ("bell\x07", "bell\\x07"),
+])
+def test_names_reach_the_terminal_escaped(name, shown):
+    """A program or device name may hold any byte: the CLI never prints control characters
+    or undecodable bytes raw."""
+    from types import SimpleNamespace
+    from exporter import tables
+    assert tables.printable(name) == shown
+    snapshot = SimpleNamespace(results={"tcp": SimpleNamespace(data=SimpleNamespace(
+        programs=SimpleNamespace(connections={("ESTABLISHED", name): 3})))})
+    out = tables.programs(snapshot, SimpleNamespace(json=False))
+    assert out == f"      3 {shown} ESTABLISHED" and "\x1b" not in out
