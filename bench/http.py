@@ -36,9 +36,9 @@ def proc_status(pid: int) -> dict[str, int]:
     return values
 
 
-def fetch(path: str, timeout: float = 10.0) -> float:
+def fetch(path: str, timeout: float = 10.0, port: int = PORT) -> float:
     started = time.perf_counter()
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=timeout) as reply:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
         reply.read()
     return time.perf_counter() - started
 

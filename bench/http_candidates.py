@@ -41,6 +41,9 @@ import threading
 import time
 import urllib.request
 
+from bench import http
+from bench.http import proc_status
+
 PORT = 10102
 BODY_SIZE = 95_000
 CANDIDATES = ("ours", "aiohttp", "cheroot", "waitress", "uvicorn")
@@ -160,22 +163,8 @@ SERVERS = {"ours": serve_ours, "aiohttp": serve_aiohttp, "cheroot": serve_cheroo
 
 
 # -- measuring (the parent) ---------------------------------------------------------------------
-def proc_status(pid: int) -> dict[str, int]:
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "Threads"):
-                values[key] = int(rest.split()[0])
-    values["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-    return values
-
-
 def fetch(path: str, timeout: float = 5.0) -> float:
-    started = time.perf_counter()
-    with urllib.request.urlopen(f"http://127.0.0.1:{PORT}{path}", timeout=timeout) as reply:
-        reply.read()
-    return time.perf_counter() - started
+    return http.fetch(path, timeout, PORT)
 
 
 def wrk(path: str, seconds: int = 10) -> str:
