@@ -372,6 +372,9 @@ class HttpServer:
         authorized = True
         if web.users:
             authorized = await self._auth.allowed(headers.get(b"authorization"), web.users)
+            if authorized is None:
+                return Reply(503, b"too many password checks at once; try again\n",
+                             (("Retry-After", "1"),)), 0
         page = self.pages.route(path)
         if page == "health" and request.method in (b"GET", b"HEAD"):
             return self.pages.health(detailed=authorized), 0

@@ -384,6 +384,10 @@ class Watcher:
 # wrong password and response times do not tell which users exist.
 _UNKNOWN_USER_HASH = b"$2b$10$E4ht9b.F6UeIRmpzXBPISeMPwdGXv1kWJP89UdoKhzFD7mmmDMcWS"
 AUTH_CACHE_ENTRIES = 256
+# bcrypt checks waiting at once; beyond, a request with new credentials is turned away at
+# once: a flood of wrong passwords must not queue minutes of hashing (each attempt holding a
+# connection) in front of the scraper whose credentials are already known.
+AUTH_PENDING_LIMIT = 8
 
 
 def basic_credentials(header: bytes | None) -> tuple[str, bytes] | None:
@@ -408,8 +412,10 @@ class Authenticator:
     def __init__(self, executor):
         self._executor = executor
         self._known: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
+        self._pending = 0
 
-    async def allowed(self, header: bytes | None, users: Mapping[str, bytes]) -> bool:
+    async def allowed(self, header: bytes | None, users: Mapping[str, bytes]) -> bool | None:
+        """True or False; None when too many checks are already waiting (answer 503)."""
         credentials = basic_credentials(header)
         if credentials is None:
             return False
@@ -417,9 +423,15 @@ class Authenticator:
         hashed = users.get(user)
         key = hashlib.sha256(b"\0".join((user.encode(), password, hashed or b""))).digest()
         if key not in self._known:
-            loop = asyncio.get_running_loop()
-            self._known[key] = await loop.run_in_executor(self._executor, _check, password,
-                                                          hashed)
+            if self._pending >= AUTH_PENDING_LIMIT:
+                return None
+            self._pending += 1
+            try:
+                loop = asyncio.get_running_loop()
+                self._known[key] = await loop.run_in_executor(self._executor, _check, password,
+                                                              hashed)
+            finally:
+                self._pending -= 1
             while len(self._known) > AUTH_CACHE_ENTRIES:
                 self._known.popitem(last=False)
         return self._known[key]

@@ -422,3 +422,34 @@ def test_sighup_rereads_the_web_config_and_never_kills(netns, tmp_path):
     log = proc.stderr.read()
     assert "SIGHUP: the web config is re-read at the next connection" in log
     assert "reloaded" in log and "Traceback" not in log
+
+
+def test_a_flood_of_wrong_passwords_never_queues_in_front_of_a_known_scraper():
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    release = threading.Event()
+    slow = ThreadPoolExecutor(1)
+    slow.submit(release.wait)  # the bcrypt worker is busy: new checks wait behind it
+    auth = webconfig.Authenticator(slow)
+    users = {"prometheus": HASH.encode()}
+
+    def header(password):
+        return b"Basic " + base64.b64encode(b"prometheus:" + password)
+
+    async def scenario():
+        # the scraper's credentials were checked once already
+        auth._known[hashlib.sha256(b"\0".join((b"prometheus", PASSWORD.encode(),
+                                                HASH.encode()))).digest()] = True
+        flood = [asyncio.ensure_future(auth.allowed(header(b"guess%d" % i), users))
+                 for i in range(webconfig.AUTH_PENDING_LIMIT)]
+        await asyncio.sleep(0)
+        turned_away = await auth.allowed(header(b"one more guess"), users)
+        known = await auth.allowed(header(PASSWORD.encode()), users)
+        release.set()
+        results = await asyncio.gather(*flood)
+        return turned_away, known, results
+    turned_away, known, results = asyncio.run(scenario())
+    assert turned_away is None  # answered 503 at once, not queued
+    assert known is True  # the known scraper never waited
+    assert results == [False] * webconfig.AUTH_PENDING_LIMIT
