@@ -407,3 +407,19 @@ def test_min_connections_keeps_a_random_source_flood_in_other():
     assert seen_labels == {OTHER}  # one series for the flood, however long it lasts
     # without the minimum: twenty new series per sample, a hundred in five samples
     assert len({a for (s, a) in summarize(rows).remote.remote if s == "SYN_RECV"}) == 21
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.sampled_from(STATES), PEERS, st.just(443)), max_size=60),
+       chunk=st.integers(1, 20), batches=st.integers(1, 6))
+def test_counting_in_chunks_changes_nothing(rows, chunk, batches):
+    """A long dump is counted every _CHUNK_ROWS rows and the chunks merged at the end."""
+    from exporter.aggregate import remotes
+    saved, remotes._CHUNK_ROWS = remotes._CHUNK_ROWS, chunk
+    try:
+        counts = summarize(rows, batches=batches, prefix_v6=64).remote.counts
+    finally:
+        remotes._CHUNK_ROWS = saved
+    expected = reference_counts(rows, prefix_v6=64)
+    for state in REMOTE_STATES:
+        assert counts.top((state,), 1 << 40) == ranked(expected[state])

@@ -117,6 +117,22 @@ _ROUNDS = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xA076
            (0x8EBC6AF09C88C6E3, 0x589965CC75374CC3), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
 _FINAL = 0x94D049BB133111EB
 _MAX_ROUNDS = 12
+_CHUNK_ROWS = 1 << 17  # rows counted at a time (a few MB of temporaries)
+
+
+def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
+             bits: int) -> np.ndarray:
+    """Each key's bucket in a table of 2**bits for this round, as intp. The tag enters
+    through lo's low bits: at worst a collision, which the full comparison catches."""
+    c_hi, c_lo = _ROUNDS[round_ % len(_ROUNDS)]
+    bucket = np.add(lo, tag, dtype=np.uint64)
+    bucket += np.uint64(round_ // len(_ROUNDS))
+    bucket *= np.uint64(c_lo)
+    bucket ^= hi * np.uint64(c_hi)
+    bucket ^= bucket >> np.uint64(29)  # every input bit reaches the top bits we keep
+    bucket *= np.uint64(_FINAL)
+    bucket >>= np.uint64(64 - bits)
+    return bucket.view(np.intp)
 
 
 def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
@@ -133,20 +149,14 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
     for round_ in range(_MAX_ROUNDS):
         if not len(rows):
             break
-        c_hi, c_lo = _ROUNDS[round_ % len(_ROUNDS)]
-        bits = max(4, (4 * len(rows) - 1).bit_length())  # 4-8 slots per row: few collide
-        # the tag enters through lo's low bits: a collision at worst, never a wrong count
-        bucket = np.add(lo, tag, dtype=np.uint64)
-        bucket += np.uint64(round_ // len(_ROUNDS))
-        bucket *= np.uint64(c_lo)
-        bucket ^= hi * np.uint64(c_hi)
-        bucket ^= bucket >> np.uint64(29)  # every input bit reaches the top bits we keep
-        bucket *= np.uint64(_FINAL)
-        bucket >>= np.uint64(64 - bits)
-        bucket = bucket.view(np.intp)
+        # 4-8 slots per row, few collide; 2-4 when merging chunks, to bound the memory
+        slots = (4 if len(rows) <= 2 * _CHUNK_ROWS else 2) * len(rows)
+        bits = max(4, (slots - 1).bit_length())
+        bucket = _buckets(hi, lo, tag, round_, bits)
         owner = np.empty(1 << bits, dtype=np.int32)  # len(rows) < 2**31: a dump is smaller
         owner[bucket] = rows if round_ == 0 else np.arange(len(rows))  # the last write wins
         won = owner[bucket].astype(np.intp)
+        del bucket, owner  # the peak of a 1M-socket sample is here
         same = hi[won] == hi
         same &= lo[won] == lo
         same &= tag[won] == tag
@@ -330,6 +340,13 @@ class RemoteSummary:
     client_time_wait_members: frozenset = frozenset()
 
 
+def _merge(levels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Counted levels of (hi, lo, state, count) -> one, the same key's counts summed."""
+    hi, lo, state, counts = (np.concatenate(column) for column in zip(*levels))
+    rows, counts = count_keys(hi, lo, state, counts)
+    return hi[rows], lo[rows], state[rows], counts
+
+
 class RemoteAccumulator:
     """Collects (state, remote) and (state, local port) keys batch by batch; result() counts
     them with one pass of count_keys."""
@@ -340,9 +357,14 @@ class RemoteAccumulator:
         self._masked = options.prefix_v4 < 32 or options.prefix_v6 < 128
         self._networks = ([_network(n) for n in options.include],
                           [_network(n) for n in options.exclude])
-        self._hi: list[np.ndarray] = []  # uint64 raw address words, IPv4 mapped
+        # keys of the batches not yet counted: uint64 raw address words (IPv4 mapped), state
+        self._hi: list[np.ndarray] = []
         self._lo: list[np.ndarray] = []
-        self._state: list[np.ndarray] = []  # uint8
+        self._state: list[np.ndarray] = []
+        self._pending = 0  # rows in those
+        # every _CHUNK_ROWS rows, the distinct keys so far with their counts: memory follows
+        # the number of distinct remotes, not of sockets (a 1M-socket dump)
+        self._counted: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         # sockets per (state, local port); zero pages cost nothing until a port is counted
         self._by_port = np.zeros((STATE_SLOTS, 1 << 16), dtype=np.int64)
         self._excluded = np.zeros(STATE_SLOTS, dtype=np.int64)
@@ -385,6 +407,9 @@ class RemoteAccumulator:
         self._hi.append(hi)
         self._lo.append(lo)
         self._state.append(state)
+        self._pending += len(state)
+        if self._pending >= _CHUNK_ROWS:
+            self._count_pending()
 
     def _filter(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """Rows kept by --remote.include / --remote.exclude, tested on the full address. An
@@ -402,15 +427,30 @@ class RemoteAccumulator:
         keep = hits(include) if include else np.ones(len(hi), dtype=bool)
         return keep & ~hits(exclude) if exclude else keep
 
-    def _counts(self) -> RemoteCounts:
-        opts = self.options
+    def _count_pending(self) -> None:
+        """Count the pending rows' keys into a new level of (hi, lo, state, count) per
+        distinct key. Levels merge like a binary counter (a level at most twice the size of
+        the next is merged with it), so a key is merged O(log) times and the levels together
+        stay within about twice the distinct keys."""
         hi, lo, state = (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
                          for parts, dtype in ((self._hi, np.uint64), (self._lo, np.uint64),
                                               (self._state, np.uint8)))
+        self._hi, self._lo, self._state, self._pending = [], [], [], 0
         rows, counts = count_keys(hi, lo, state)
-        order = np.argsort(state[rows], kind="stable")  # a radix sort of bytes
-        rows, counts = rows[order], counts[order]
-        return RemoteCounts(state=state[rows], hi=hi[rows], lo=lo[rows], count=counts,
+        self._counted.append((hi[rows], lo[rows], state[rows], counts))
+        del hi, lo, state, rows
+        while len(self._counted) > 1 and \
+                len(self._counted[-2][3]) <= 2 * len(self._counted[-1][3]):
+            self._counted[-2:] = [_merge(self._counted[-2:])]
+
+    def _counts(self) -> RemoteCounts:
+        opts = self.options
+        if self._pending or not self._counted:
+            self._count_pending()
+        hi, lo, state, counts = (self._counted[0] if len(self._counted) == 1
+                                 else _merge(self._counted))
+        order = np.argsort(state, kind="stable")  # a radix sort of bytes
+        return RemoteCounts(state=state[order], hi=hi[order], lo=lo[order], count=counts[order],
                             prefix_v4=opts.prefix_v4, prefix_v6=opts.prefix_v6)
 
     def result(self, state_totals: Mapping[str, int], listening_ports: Iterable[int],
