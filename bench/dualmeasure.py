@@ -1,0 +1,83 @@
+"""Run inside a benchmark namespace, with the exporter under test first on PYTHONPATH (so a
+`before` source tree and the current one run the same measurement): the kernel's floor and
+the exporter's default sample, alternating.
+
+    PYTHONPATH=TREE python bench/dualmeasure.py time REPS -> JSON {tcp_floor, floor, sample,
+        tcp, tcp_plain: [s...], sockets, distinct}
+    PYTHONPATH=TREE python bench/dualmeasure.py rss REPS  -> JSON {rss_kb} after REPS samples
+
+tcp_floor: the one TCPDIAG_GETSOCK walk (both families) received until NLMSG_DONE, no
+decoding; floor: that plus the two UDP dumps a sample also makes. sample: the default sample,
+`Sampler(SocketReader("netlink"), remote=RemoteOptions())` with every default view; tcp: the
+tcp view's own duration inside it (what the exporter reports as
+netstat_exporter_collector_duration_seconds{collector="tcp"}); tcp_plain: the tcp view of a
+sampler without per-remote and per-port counting (--no-remote's cost: decode, states, queues,
+listeners).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import socket
+import sys
+import time
+
+from exporter.aggregate import RemoteOptions
+from exporter.sampler import Sampler, SocketReader
+from exporter.sources import sockdiag
+from exporter.sources.table import ALL_STATES_MASK
+
+TCP = ((socket.IPPROTO_TCP, socket.AF_UNSPEC),)
+ALL = TCP + ((socket.IPPROTO_UDP, socket.AF_INET), (socket.IPPROTO_UDP, socket.AF_INET6))
+
+
+def floor(requests, view=memoryview(bytearray(1 << 16))) -> int:
+    """The dumps with no decoding at all: receive until NLMSG_DONE. Returns bytes read."""
+    total = 0
+    for protocol, family in requests:
+        with sockdiag.open_socket() as sock:
+            seq = 77
+            _type, request = sockdiag.build_request(protocol, family, ALL_STATES_MASK, seq)
+            sock.send(request)
+            while True:
+                n = sock.recv_into(view)
+                total += n
+                if sockdiag._check_datagram(view[:n], seq):
+                    break
+    return total
+
+
+def main() -> None:
+    mode, reps = sys.argv[1], int(sys.argv[2])
+    sampler = Sampler(SocketReader("netlink"), remote=RemoteOptions())
+    if mode == "rss":
+        for _ in range(reps):
+            sampler.sample_once()
+        print(json.dumps({"rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+        return
+    plain = Sampler(SocketReader("netlink"), collectors=["tcp"])
+    sampler.sample_once()  # warm-up: imports, first allocations, the top-N's previous
+    plain.sample_once()
+    floor(ALL)
+    out = {"tcp_floor": [], "floor": [], "sample": [], "tcp": [], "tcp_plain": []}
+    for _ in range(reps):  # alternate, so drift hits all alike
+        t0 = time.perf_counter()
+        floor(TCP)
+        t1 = time.perf_counter()
+        floor(ALL)
+        t2 = time.perf_counter()
+        snapshot = sampler.sample_once()
+        t3 = time.perf_counter()
+        out["tcp_floor"].append(t1 - t0)
+        out["floor"].append(t2 - t1)
+        out["sample"].append(t3 - t2)
+        out["tcp"].append(snapshot.results["tcp"].duration)
+        out["tcp_plain"].append(plain.sample_once().results["tcp"].duration)
+    tcp = sampler.snapshot.results["tcp"].data
+    counts = tcp.remote.counts
+    distinct = len(counts) if hasattr(counts, "__len__") else len(counts.v4_addr) + len(counts.v6_addr)
+    print(json.dumps({**out, "sockets": tcp.scanned, "distinct": distinct}))
+
+
+if __name__ == "__main__":
+    main()
