@@ -117,8 +117,8 @@ def remote(mode: str, reps: int) -> None:
         base.append(t1 - t0)
         extended.append(t2 - t1)
     counts = full.snapshot.results["tcp"].data.remote.counts
-    print(json.dumps({"base": base, "remote": extended, "distinct_remotes": len(counts.v4_addr)
-                      + len(counts.v6_addr), "sockets": full.snapshot.results["tcp"].data.scanned}))
+    print(json.dumps({"base": base, "remote": extended, "distinct_remotes": len(counts),
+                      "sockets": full.snapshot.results["tcp"].data.scanned}))
 
 
 def programs(reps: int) -> None:
