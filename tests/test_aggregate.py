@@ -423,3 +423,20 @@ def test_counting_in_chunks_changes_nothing(rows, chunk, batches):
     expected = reference_counts(rows, prefix_v6=64)
     for state in REMOTE_STATES:
         assert counts.top((state,), 1 << 40) == ranked(expected[state])
+
+
+@pytest.mark.parametrize("listening", [3, 300])  # under and over 255 listening ports
+def test_local_port_counts_with_many_listening_ports(listening):
+    rows = [(TcpState.LISTEN, "0.0.0.0", 1000 + p) for p in range(listening)]
+    rows += [(E, "10.0.0.1", 1000 + p) for p in range(listening) for _ in range(p % 4)]
+    rows += [(TW, "10.0.0.2", 1000 + listening - 1)] * 5 + [(E, "10.0.0.3", 60000)] * 7
+    remote = summarize(rows, local_port_top=2, series_limit=10_000).remote
+    totals = collections.Counter(p for s, _a, p in rows if s != TcpState.LISTEN and p < 60000)
+    busiest = sorted(totals, key=lambda p: (-totals[p], p))[:2]  # ties: the lower port
+    assert {p for (_s, p) in remote.local_port if p != OTHER} == {str(p) for p in busiest}
+    last = 1000 + listening - 1
+    assert remote.local_port[("ESTABLISHED", str(last))] == (listening - 1) % 4
+    assert remote.local_port[("TIME_WAIT", str(last))] == 5
+    served = sum(p % 4 for p in range(listening))  # port 60000 is not listening
+    assert sum(v for (s, _p), v in remote.local_port.items() if s == "ESTABLISHED") == served
+    assert sum(v for (s, _p), v in remote.local_port.items() if s == "TIME_WAIT") == 5

@@ -365,8 +365,9 @@ class RemoteAccumulator:
         # every _CHUNK_ROWS rows, the distinct keys so far with their counts: memory follows
         # the number of distinct remotes, not of sockets (a 1M-socket dump)
         self._counted: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        # sockets per (state, local port); zero pages cost nothing until a port is counted
-        self._by_port = np.zeros((STATE_SLOTS, 1 << 16), dtype=np.int64)
+        # connected sockets' (state, local port), counted per listening port in result()
+        self._port_state: list[np.ndarray] = []
+        self._port: list[np.ndarray] = []
         self._excluded = np.zeros(STATE_SLOTS, dtype=np.int64)
         self._time_wait: list[tuple[np.ndarray, ...]] = []  # (hi, lo, remote port, local port)
 
@@ -387,12 +388,13 @@ class RemoteAccumulator:
         hi, lo = _address_words(table.remote_addr)
         family, port = table.family, table.local_port
         if not peered.all():  # most batches hold established sockets only
-            np.add.at(self._by_port.ravel(), (state[connected].astype(np.intp) << 16)
-                      | port[connected], 1)
+            self._port_state.append(state[connected])
+            self._port.append(port[connected])
             state, family, hi, lo = state[peered], family[peered], hi[peered], lo[peered]
         else:
-            np.add.at(self._by_port.ravel(), (state.astype(np.intp) << 16) | port, 1)
             state = state.copy()  # not a view: it would keep the whole batch alive
+            self._port_state.append(state)
+            self._port.append(port.copy())
         v4 = family == socket.AF_INET  # the address in bytes 0-3: take its mapped form
         lo = np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo)
         hi = np.where(v4, np.uint64(_MAPPED_HI), hi)
@@ -465,7 +467,7 @@ class RemoteAccumulator:
             chosen[name] = [(key, count) for key, count in counts.top((state,), opts.top, before)
                             if count >= opts.min_connections]
         ports = sorted(set(listening_ports))
-        by_port = self._by_port
+        by_port = self._by_port(ports)
         port_totals = {port: int(by_port[:, port].sum()) for port in ports}
         shown_ports = [p for p, _ in top_n(port_totals, opts.local_port_top,
                                            previous.port_members if previous else frozenset())]
@@ -497,6 +499,24 @@ class RemoteAccumulator:
             port_members=frozenset(shown_ports), truncated=MappingProxyType(truncated),
             counts=counts, client_time_wait=MappingProxyType(client),
             client_time_wait_members=client_members)
+
+    def _by_port(self, listening: list[int]) -> np.ndarray:
+        """Connected sockets per (state, local port), for the listening ports only (other
+        columns stay 0): one gather through a port -> column table and a small bincount."""
+        by_port = np.zeros((STATE_SLOTS, 1 << 16), dtype=np.int64)  # untouched pages are free
+        if not self._port or not listening:
+            return by_port
+        # port -> its column; the last column takes every other port (a small table gathers
+        # fast: 64 KiB for fewer than 255 listening ports)
+        narrow = np.uint8 if len(listening) < 255 else np.int32
+        column = np.full(1 << 16, len(listening), dtype=narrow)
+        column[listening] = np.arange(len(listening))
+        keys = column[np.concatenate(self._port)].astype(np.intp)
+        keys *= STATE_SLOTS
+        keys += np.concatenate(self._port_state)
+        counted = np.bincount(keys, minlength=(len(listening) + 1) * STATE_SLOTS)
+        by_port[:, listening] = counted.reshape(-1, STATE_SLOTS)[:-1].T
+        return by_port
 
     def _client_time_wait(self, listening: list[int], incumbents: frozenset):
         """TIME_WAIT sockets whose local port is not a listening port (we connected out),
