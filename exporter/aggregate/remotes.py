@@ -111,26 +111,25 @@ def _key_masks(options) -> tuple[int, int, int, int]:
     return (*_raw(_mask128(96 + options.prefix_v4))[1:], *_raw(_mask128(options.prefix_v6)))
 
 
-# Odd 64-bit multipliers, two per round, and a final one (multiply, fold the high bits down,
-# multiply: the top bits then depend on every input bit).
+# Odd 64-bit multipliers, two per round.
 _ROUNDS = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xA0761D6478BD642F),
            (0x8EBC6AF09C88C6E3, 0x589965CC75374CC3), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
-_FINAL = 0x94D049BB133111EB
 _MAX_ROUNDS = 12
 _CHUNK_ROWS = 1 << 17  # rows counted at a time (a few MB of temporaries)
 
 
 def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
              bits: int) -> np.ndarray:
-    """Each key's bucket in a table of 2**bits for this round, as intp. The tag enters
-    through lo's low bits: at worst a collision, which the full comparison catches."""
+    """Each key's bucket in a table of 2**bits for this round, as intp: the top bits of
+    hi * c1 ^ (lo + tag) * c2, which every bit of hi and lo reaches (multiplicative
+    hashing). The tag enters through lo's low bits: at worst a collision, which the full
+    comparison catches."""
     c_hi, c_lo = _ROUNDS[round_ % len(_ROUNDS)]
     bucket = np.add(lo, tag, dtype=np.uint64)
-    bucket += np.uint64(round_ // len(_ROUNDS))
+    if round_ >= len(_ROUNDS):  # past the table of multipliers: shift the input instead
+        bucket += np.uint64(round_ // len(_ROUNDS))
     bucket *= np.uint64(c_lo)
     bucket ^= hi * np.uint64(c_hi)
-    bucket ^= bucket >> np.uint64(29)  # every input bit reaches the top bits we keep
-    bucket *= np.uint64(_FINAL)
     bucket >>= np.uint64(64 - bits)
     return bucket.view(np.intp)
 
@@ -153,21 +152,22 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
         slots = (4 if len(rows) <= 2 * _CHUNK_ROWS else 2) * len(rows)
         bits = max(4, (slots - 1).bit_length())
         bucket = _buckets(hi, lo, tag, round_, bits)
+        index = rows if round_ == 0 else np.arange(len(rows))
         owner = np.empty(1 << bits, dtype=np.int32)  # len(rows) < 2**31: a dump is smaller
-        owner[bucket] = rows if round_ == 0 else np.arange(len(rows))  # the last write wins
+        owner[bucket] = index  # the last write wins
         won = owner[bucket].astype(np.intp)
         del bucket, owner  # the peak of a 1M-socket sample is here
         same = hi[won] == hi
         same &= lo[won] == lo
         same &= tag[won] == tag
         everyone = bool(same.all())
-        # tallied on the winning row's index: nonzero exactly at the winners
+        winners = np.flatnonzero(won == index)  # the rows that own their bucket
+        # tallied on the winning row's index
         if everyone:
             tally = np.bincount(won, weights=weights, minlength=len(rows))
         else:
             tally = np.bincount(won[same], minlength=len(rows),
                                 weights=None if weights is None else weights[same])
-        winners = np.flatnonzero(tally)  # weights are counts, never 0
         found.append(rows[winners])
         counts.append(tally[winners])
         if everyone:
