@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import ssl
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +30,12 @@ from typing import Any, Mapping
 import bcrypt
 import yaml
 
+from .sources import files
+
 log = logging.getLogger(__name__)
+
+
+CONFIG_LIMIT = 1 << 20
 
 
 class WebConfigError(ValueError):
@@ -84,6 +90,8 @@ HEADERS = {"Content-Security-Policy": None, "X-Frame-Options": ("deny", "sameori
            "X-Content-Type-Options": ("nosniff",), "X-XSS-Protection": None,
            "Strict-Transport-Security": None}
 
+# RFC 9110 field-value, ASCII only: what h11 will send (empty means "unset")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\x20-\x7e\t]*[\x21-\x7e])?)?")
 # "$2y$10$" + 22 salt + 31 hash characters of bcrypt's base64 alphabet
 BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -135,25 +143,27 @@ def parse_duration(text: Any, where: str) -> float:
 def load(path: str) -> WebConfig:
     """Read and check the whole file; raise WebConfigError naming what is wrong."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(1 << 20)
-        document = yaml.safe_load(raw.decode("utf-8")) if raw.strip() else {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise WebConfigError(f"{path}: {exc}") from None
+        # regular files only, opened non-blocking and read to at most 1 MiB (a FIFO or a
+        # hung mount must not stall the server, nor a truncated read pass as a whole file)
+        text = files.read_text(path, CONFIG_LIMIT)
+        text.encode("utf-8")  # undecodable bytes are an error here, not names to escape
+        document = yaml.safe_load(text) if text.strip() else {}
+    except (OSError, UnicodeError, yaml.YAMLError, RecursionError, ValueError) as exc:
+        raise WebConfigError(f"{path}: {str(exc)[:300]}") from None
     where = os.path.basename(path)
     document = _mapping(document, where)
     _only(document, ("tls_server_config", "http_server_config", "basic_auth_users",
                      "rate_limit"), where)
     folder = os.path.dirname(os.path.abspath(path))
-    files = [os.path.abspath(path)]
+    watched = [os.path.abspath(path)]
     tls, allowed_sans = _tls(_mapping(document.get("tls_server_config"),
-                                      f"{where}: tls_server_config"), folder, files)
+                                      f"{where}: tls_server_config"), folder, watched)
     return WebConfig(tls=tls, users=_users(document.get("basic_auth_users"), where),
                      headers=_headers(_mapping(document.get("http_server_config"),
                                                f"{where}: http_server_config"), where),
                      allowed_sans=allowed_sans,
                      rate_limit=_rate_limit(document.get("rate_limit"), where),
-                     files=tuple(files))
+                     files=tuple(watched))
 
 
 def _users(value: Any, where: str) -> dict[str, bytes]:
@@ -177,8 +187,9 @@ def _headers(section: dict, where: str) -> tuple[tuple[str, str], ...]:
         if name not in HEADERS:
             raise WebConfigError(f"{where}: http_server_config: header {name!r} is not "
                                  f"allowed (allowed: {', '.join(HEADERS)})")
-        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-            raise WebConfigError(f"{where}: http_server_config: header {name}: bad value")
+        if not isinstance(value, str) or not _FIELD_VALUE.fullmatch(value):
+            raise WebConfigError(f"{where}: http_server_config: header {name}: not a valid "
+                                 f"header value (visible ASCII, no whitespace at the ends)")
         if value == "":
             continue  # "unset if blank"
         if HEADERS[name] is not None and value.lower() not in HEADERS[name]:
@@ -205,7 +216,7 @@ TLS_FIELDS = ("cert", "key", "client_ca", "cert_file", "key_file", "client_auth_
               "cipher_suites", "prefer_server_cipher_suites", "curve_preferences")
 
 
-def _tls(section: dict, folder: str, files: list[str]):
+def _tls(section: dict, folder: str, watched: list[str]):
     where = "tls_server_config"
     _only(section, TLS_FIELDS, where)
     for key in TLS_FIELDS:
@@ -243,8 +254,10 @@ def _tls(section: dict, folder: str, files: list[str]):
     if context.minimum_version < ssl.TLSVersion.TLSv1_2:
         context.set_ciphers("DEFAULT:@SECLEVEL=0")  # OpenSSL 3 refuses TLS 1.0/1.1 otherwise
     _ciphers(context, section)
+    for named in (cert_file, key_file, client_ca_file):
+        _regular(named)
     _load_chain(context, cert_file, key_file, cert, key)
-    files.extend(f for f in (cert_file, key_file, client_ca_file) if f)
+    watched.extend(f for f in (cert_file, key_file, client_ca_file) if f)
     context.verify_mode = CLIENT_AUTH[auth_type]
     if auth_type in UNVERIFIED_MODES:
         log.warning("client_auth_type %s: Python's ssl verifies every client certificate it "
@@ -301,6 +314,18 @@ def _ciphers(context: ssl.SSLContext, section: dict) -> None:
                              "one curve only; list one in curve_preferences or none")
     if curves:
         context.set_ecdh_curve(CURVES[curves[0]])
+
+
+def _regular(path: str) -> None:
+    """OpenSSL opens certificate files blocking: a FIFO there would stall the server."""
+    if not path:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise WebConfigError(f"tls_server_config: {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise WebConfigError(f"tls_server_config: {path}: not a regular file")
 
 
 def _load_chain(context, cert_file: str, key_file: str, cert: str, key: str) -> None:
@@ -370,8 +395,8 @@ class Watcher:
                 log.error("web config changed but cannot be used, keeping the last good one: "
                           "%s", exc)
                 self._bad = str(exc)
-            # look again when the files change again
-            self._stamps = stamps
+            # stamps stay those of the last good config: a file the rejected one names
+            # (a certificate not there yet) is looked for again at the next check
             return self.current
         self.current, self._bad = fresh, None
         self._stamps = self._read_stamps()
@@ -380,9 +405,6 @@ class Watcher:
         return fresh
 
 
-# Checked against when the user is unknown, so that a wrong user name costs as much time as a
-# wrong password and response times do not tell which users exist.
-_UNKNOWN_USER_HASH = b"$2b$10$E4ht9b.F6UeIRmpzXBPISeMPwdGXv1kWJP89UdoKhzFD7mmmDMcWS"
 AUTH_CACHE_ENTRIES = 256
 # bcrypt checks waiting at once; beyond, a request with new credentials is turned away at
 # once: a flood of wrong passwords must not queue minutes of hashing (each attempt holding a
@@ -407,11 +429,18 @@ def basic_credentials(header: bytes | None) -> tuple[str, bytes] | None:
 
 class Authenticator:
     """bcrypt checks (about 70 ms each at cost 10) in one worker thread, off the event loop,
-    remembered by a digest of (user, password, hash) so a scraper pays once, not per scrape."""
+    remembered by a digest of (user, password, hash) so a scraper pays once, not per scrape.
+
+    Successes and failures are remembered apart, each least-recently-used first out: a flood
+    of wrong passwords can only push out other wrong passwords, never the scraper's. An
+    unknown user is checked against a hash of the same cost as the configured ones, so the
+    time an answer takes does not tell which users exist."""
 
     def __init__(self, executor):
         self._executor = executor
-        self._known: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
+        self._granted: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
+        self._refused: collections.OrderedDict[bytes, bool] = collections.OrderedDict()
+        self._dummies: dict[bytes, bytes] = {}  # "$2b$10$" -> a hash of that cost
         self._pending = 0
 
     async def allowed(self, header: bytes | None, users: Mapping[str, bytes]) -> bool | None:
@@ -422,26 +451,40 @@ class Authenticator:
         user, password = credentials
         hashed = users.get(user)
         key = hashlib.sha256(b"\0".join((user.encode(), password, hashed or b""))).digest()
-        if key not in self._known:
-            if self._pending >= AUTH_PENDING_LIMIT:
-                return None
-            self._pending += 1
-            try:
-                loop = asyncio.get_running_loop()
-                self._known[key] = await loop.run_in_executor(self._executor, _check, password,
-                                                              hashed)
-            finally:
-                self._pending -= 1
-            while len(self._known) > AUTH_CACHE_ENTRIES:
-                self._known.popitem(last=False)
-        return self._known[key]
+        for known, verdict in ((self._granted, True), (self._refused, False)):
+            if key in known:
+                known.move_to_end(key)
+                return verdict
+        if self._pending >= AUTH_PENDING_LIMIT:
+            return None
+        self._pending += 1
+        try:
+            loop = asyncio.get_running_loop()
+            against = hashed
+            if against is None:
+                cost = next(iter(users.values()))[:7] if users else b"$2b$10$"
+                if cost not in self._dummies:
+                    self._dummies[cost] = await loop.run_in_executor(
+                        self._executor, _dummy_hash, cost)
+                against = self._dummies[cost]
+            verdict = await loop.run_in_executor(self._executor, _check, password, against)
+            verdict = verdict and hashed is not None
+        finally:
+            self._pending -= 1
+        known = self._granted if verdict else self._refused
+        known[key] = verdict
+        while len(known) > AUTH_CACHE_ENTRIES:
+            known.popitem(last=False)
+        return verdict
 
 
-def _check(password: bytes, hashed: bytes | None) -> bool:
-    if hashed is None:
-        bcrypt.checkpw(password, _UNKNOWN_USER_HASH)
-        return False
+def _dummy_hash(prefix: bytes) -> bytes:
+    """A hash of the cost in `prefix` ("$2b$12$"), of a password no one knows."""
+    return bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(int(prefix[4:6])))
+
+
+def _check(password: bytes, hashed: bytes) -> bool:
     try:
         return bcrypt.checkpw(password, hashed)
-    except ValueError:  # checked at load, but never let a hash crash a request
+    except ValueError:  # a password over bcrypt's 72 bytes, or a hash it refuses
         return False

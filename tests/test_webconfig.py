@@ -89,7 +89,7 @@ def test_relative_paths_resolve_against_the_files_folder(pki, tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("tls_server_config: {cert_file: a.crt}", "missing key_file"),
-    ("tls_server_config: {cert_file: nope.crt, key_file: nope.key}", "cannot load certificate"),
+    ("tls_server_config: {cert_file: nope.crt, key_file: nope.key}", "nope.crt: No such file"),
     ("tls_server_confg: {}", "unknown field 'tls_server_confg'"),
     ("tls_server_config: {client_auth_type: Sometimes, cert_file: a, key_file: b}",
      "invalid client_auth_type 'Sometimes'"),
@@ -102,7 +102,11 @@ def test_relative_paths_resolve_against_the_files_folder(pki, tmp_path):
     ("http_server_config: {headers: {X-Powered-By: me}}", "header 'X-Powered-By' is not allowed"),
     ("http_server_config: {headers: {X-Frame-Options: allow}}", "X-Frame-Options must be one of"),
     ("http_server_config: {headers: {Content-Security-Policy: \"a\\r\\nSet-Cookie: x\"}}",
-     "bad value"),
+     "not a valid header value"),
+    ("http_server_config: {headers: {Content-Security-Policy: \"default-src 'self' \"}}",
+     "not a valid header value"),  # h11 would refuse to send it: every reply would fail
+    ("http_server_config: {headers: {X-XSS-Protection: \"1 ✓\"}}", "not a valid header value"),
+    ("rate_limit: " + "[" * 5000 + "]" * 5000, "web.yml"),  # RecursionError in the parser
     ("rate_limit: {interval: soon, burst: 1}", "expected a duration"),
     ("- just\n- a list", "expected a mapping"),
     ("{{{", "web.yml"),
@@ -439,7 +443,7 @@ def test_a_flood_of_wrong_passwords_never_queues_in_front_of_a_known_scraper():
 
     async def scenario():
         # the scraper's credentials were checked once already
-        auth._known[hashlib.sha256(b"\0".join((b"prometheus", PASSWORD.encode(),
+        auth._granted[hashlib.sha256(b"\0".join((b"prometheus", PASSWORD.encode(),
                                                 HASH.encode()))).digest()] = True
         flood = [asyncio.ensure_future(auth.allowed(header(b"guess%d" % i), users))
                  for i in range(webconfig.AUTH_PENDING_LIMIT)]
@@ -453,3 +457,59 @@ def test_a_flood_of_wrong_passwords_never_queues_in_front_of_a_known_scraper():
     assert turned_away is None  # answered 503 at once, not queued
     assert known is True  # the known scraper never waited
     assert results == [False] * webconfig.AUTH_PENDING_LIMIT
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge", "directory"])
+def test_a_config_that_is_not_a_small_regular_file_is_refused_without_blocking(tmp_path, kind):
+    import os
+    path = tmp_path / "web.yml"
+    if kind == "fifo":  # open() would wait for a writer forever
+        os.mkfifo(path)
+    elif kind == "huge":  # a truncated read must not pass for the whole file
+        path.write_text("#" * webconfig.CONFIG_LIMIT + "\nbasic_auth_users: {a: '%s'}\n" % HASH)
+    else:
+        path.mkdir()
+    with pytest.raises(WebConfigError, match=str(path)):
+        webconfig.load(str(path))
+
+
+def test_a_certificate_path_that_is_a_fifo_is_refused(pki, tmp_path):
+    import os
+    os.mkfifo(tmp_path / "cert.pem")
+    with pytest.raises(WebConfigError, match="not a regular file"):
+        webconfig.load(str(write(tmp_path / "web.yml", f"""
+            tls_server_config: {{cert_file: cert.pem, key_file: {pki.folder}/server.key}}
+            """)))
+
+
+def test_unknown_users_and_long_passwords_are_plain_refusals():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    auth = webconfig.Authenticator(ThreadPoolExecutor(1))
+    users = {"prometheus": HASH.encode()}
+
+    def header(user, password):
+        return b"Basic " + base64.b64encode(user + b":" + password)
+
+    async def scenario():
+        return [await auth.allowed(header(user, password), users) for user, password in (
+            (b"nobody", b"x" * 100), (b"prometheus", b"x" * 100), (b"nobody", b"pw"),
+            (b"prometheus", PASSWORD.encode()))]
+    assert asyncio.run(scenario()) == [False, False, False, True]
+
+
+def test_wrong_passwords_never_push_out_the_scraper():
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    auth = webconfig.Authenticator(ThreadPoolExecutor(1))
+    users = {"prometheus": HASH.encode()}
+    good = b"Basic " + base64.b64encode(b"prometheus:" + PASSWORD.encode())
+
+    async def scenario():
+        assert await auth.allowed(good, users) is True
+        for i in range(webconfig.AUTH_CACHE_ENTRIES + 50):  # a flood of distinct guesses
+            bad = b"Basic " + base64.b64encode(b"prometheus:guess%d" % i)
+            assert await auth.allowed(bad, users) is False
+        return len(auth._granted), len(auth._refused)
+    granted, refused = asyncio.run(scenario())
+    assert granted == 1 and refused == webconfig.AUTH_CACHE_ENTRIES
