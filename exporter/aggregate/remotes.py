@@ -65,7 +65,6 @@ class RemoteKey:
         return "hash:" + hmac.new(mask_key, label.encode(), hashlib.sha256).hexdigest()[:12]
 
 
-
 def _raw(value: int) -> tuple[int, int]:
     """A 128-bit big-endian value -> the two native uint64 words its 16 bytes make in memory,
     the form the kernel's addresses are read in. On a little-endian host,
@@ -86,7 +85,7 @@ def _mask128(prefix: int) -> int:
 
 # ::ffff:0.0.0.0/96: a key is IPv4 when its first 96 bits are these
 _MAPPED_HI, _MAPPED_LO = _raw(0xFFFF << 32)
-_MASK96_HI, _MASK96_LO = _raw(_mask128(96))
+_MASK96_LO = _raw(_mask128(96))[1]
 # An IPv4 address sits in bytes 0-3 of the kernel's 16-byte field; in its mapped form it
 # sits in bytes 12-15, i.e. in the other half of the second native word.
 _V4_IN_LO = (np.left_shift if np.little_endian else np.right_shift)
@@ -115,7 +114,7 @@ def _key_masks(options) -> tuple[int, int, int, int]:
 _ROUNDS = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xA0761D6478BD642F),
            (0x8EBC6AF09C88C6E3, 0x589965CC75374CC3), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
 _MAX_ROUNDS = 12
-_CHUNK_ROWS = 1 << 17  # rows counted at a time (a few MB of temporaries)
+_CHUNK_ROWS = 1 << 16  # rows counted at a time: a table of 4 slots per row fits in L2
 
 
 def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
