@@ -14,8 +14,10 @@ from prometheus_client.metrics_core import Metric
 
 # /healthz turns 503 when the snapshot is older than this many sampling intervals.
 STALE_INTERVALS = 3
-# Distinct renderings kept per sample: 2 formats x 2 encodings, plus a few name[] selections.
+# Distinct renderings kept per sample: 2 formats x 2 encodings, and apart from them up to
+# this many name[] selections.
 CACHE_ENTRIES = 16
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
 
 
 class Reply(NamedTuple):
@@ -49,23 +51,29 @@ class MetricsCache:
         self._lock = threading.Lock()
         self._snapshot = None
         self._rendered: dict[tuple, tuple[str, bytes]] = {}
+        self._selected: dict[tuple, tuple[str, bytes]] = {}
 
     def render(self, accept: str, compress: bool,
                names: frozenset[str] | None = None) -> tuple[str, bytes]:
         """(content type, body) of the latest snapshot in the format the Accept header asks
         for (text or OpenMetrics); blocking, call it off the event loop."""
-        encoder, content_type = choose_encoder(accept)
+        # Two formats only, whatever the header says: an odd version ("version=abc" makes
+        # client_python raise) or endless variants must neither fail nor empty the cache.
+        encoder, content_type = choose_encoder(
+            OPENMETRICS if "application/openmetrics-text" in accept else "")
         with self._lock:
             snapshot = self._get_snapshot()
             if snapshot is not self._snapshot:
-                self._snapshot, self._rendered = snapshot, {}
+                self._snapshot, self._rendered, self._selected = snapshot, {}, {}
+            # the plain renderings every scraper shares apart from name[] selections, so
+            # many selections cannot push them out
+            cache = self._rendered if names is None else self._selected
             key = (content_type, compress, names)
-            if key not in self._rendered:
-                if len(self._rendered) >= CACHE_ENTRIES:
-                    self._rendered.clear()
-                self._rendered[key] = content_type, self._encode(snapshot, encoder, compress,
-                                                                 names)
-            return self._rendered[key]
+            if key not in cache:
+                if len(cache) >= CACHE_ENTRIES:
+                    cache.clear()
+                cache[key] = content_type, self._encode(snapshot, encoder, compress, names)
+            return cache[key]
 
     def _encode(self, snapshot, encoder, compress, names) -> bytes:
         registry = self._registry if names is None else _Only(self._registry, names)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import re
 import resource
@@ -35,6 +36,12 @@ MAX_REQUEST_LINE = 8 * 1024  # beyond: 414
 MAX_HEAD = 16 * 1024  # request line and headers together; beyond: 431
 MAX_BODY = 64 * 1024  # a GET has no business sending more; beyond: 413
 ACCEPT_BURST = 16  # connections accepted per wake-up before other work gets a turn
+# Bytes of /metrics replies handed to clients that have not read them yet, at most: beyond,
+# scrapes get 503. A scrape's slot (--web.max-requests) is its rendering; a client that never
+# reads holds only memory, and this bounds it.
+WRITE_BUDGET = 64 << 20
+# A reply still not read after this long no longer protects its connection from eviction.
+STALLED_WRITE = 5.0
 BACKLOG = 512  # a burst of scrapers must not overflow the accept queue
 # Descriptors kept free for the sources (netlink sockets, /proc files, namespaces).
 RESERVED_DESCRIPTORS = 64
@@ -57,10 +64,11 @@ class Limits:
 
 
 class _Connection:
-    __slots__ = ("task", "writer", "busy", "since")
+    __slots__ = ("task", "writer", "busy", "since", "writing")
 
     def __init__(self, task, writer, now):
         self.task, self.writer, self.busy, self.since = task, writer, False, now
+        self.writing: float | None = None  # when the reply being written began
 
 
 class _Refused(Exception):
@@ -163,6 +171,8 @@ class HttpServer:
         self._stopped: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._last_loop_error = 0.0
+        self._last_bug = float("-inf")
+        self._buffered = 0  # bytes of /metrics replies being written (WRITE_BUDGET)
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -249,6 +259,11 @@ class HttpServer:
             await self._serve(reader, writer, connection, web)
         except PEER_ERRORS as exc:
             log.debug("http: connection from %s ended: %r", _peer(sock), exc)
+        except Exception:  # a bug: say so with its traceback, at most once a minute
+            now = self._clock()
+            if now - self._last_bug >= 60:
+                self._last_bug = now
+                log.exception("http: unexpected error serving %s", _peer(sock))
         finally:
             self._connections.pop(task, None)  # gone already if evicted
             if writer is not None:
@@ -271,7 +286,9 @@ class HttpServer:
     def _evict_idle(self) -> bool:
         """Close the connection that has waited longest without a request in progress: idle
         keep-alives and slow heads give way to new clients instead of locking them out."""
-        waiting = [c for c in self._connections.values() if not c.busy]
+        now = self._loop.time()
+        waiting = [c for c in self._connections.values()
+                   if not c.busy or (c.writing is not None and now - c.writing > STALLED_WRITE)]
         if not waiting:
             return False
         victim = min(waiting, key=lambda c: c.since)
@@ -286,7 +303,7 @@ class HttpServer:
         while True:
             connection.busy, connection.since = False, self._loop.time()
             try:
-                request = await self._read_request(reader, protocol, connection)
+                request = await self._read_request(reader, writer, protocol, connection)
             except _Refused as refused:
                 log.debug("http: %s from %s: %s", refused.status, _peer(writer), refused)
                 await self._send_raw_error(writer, refused.status)
@@ -294,21 +311,37 @@ class HttpServer:
             if request is None:
                 return
             connection.busy = True
+            # users, headers and the rate limit as they are now, even on a connection opened
+            # before a change (a revoked user must not keep scraping over keep-alive)
+            if self.web is not None:
+                web = self.web.refresh()
             reply, scrape = await self._answer(request, web)
+            held = len(reply.body) if scrape else 0
+            if held and self._buffered + held > WRITE_BUDGET:
+                reply, held = Reply(503, b"too many scrapes not yet read by their clients\n",
+                                    (("Retry-After", "1"),)), 0
+            self._buffered += held
+            connection.writing = self._loop.time()
             try:
                 await self._send(writer, protocol, request, reply, web)
             finally:
-                self._scrapes -= scrape
+                self._buffered -= held
+                connection.writing = None
             if protocol.our_state is h11.MUST_CLOSE or protocol.their_state is h11.MUST_CLOSE:
                 return
             protocol.start_next_cycle()
 
-    async def _read_request(self, reader, protocol: h11.Connection, connection):
+    async def _read_request(self, reader, writer, protocol: h11.Connection, connection):
         """The next request, its body read and discarded; None when the client is done.
         Raises _Refused for what must be answered with an error and a close."""
         deadline = None
-        head = b""  # the start of the request, until its first line is checked
-        request, body, received = None, 0, 0
+        # the start of the request, until its first line is checked; a pipelining client's
+        # next request may already wait in h11's buffer
+        head = bytes(protocol.trailing_data[0])
+        if head:
+            deadline = self._loop.time() + self.limits.header_timeout
+            _check_request_line(head)
+        request, body, received = None, 0, len(head)
         while True:
             try:
                 event = protocol.next_event()
@@ -329,15 +362,14 @@ class HttpServer:
                 if deadline is None and data:
                     deadline = self._loop.time() + self.limits.header_timeout
                     connection.since = self._loop.time()
-                if request is None:
-                    if b"\n" not in head:
-                        head = (head + data)[:MAX_REQUEST_LINE + 2]
-                        _check_request_line(head)
-                    # h11 bounds only a head that is still incomplete; one that arrives whole
-                    # in a single read is bounded here
-                    received += len(data)
-                    if received > MAX_HEAD + MAX_BODY:
-                        raise _Refused(431, "request head too large")
+                if request is None and b"\n" not in head:
+                    head = (head + data)[:MAX_REQUEST_LINE + 2]
+                    _check_request_line(head)
+                # h11 bounds only a head that is still incomplete, and a body by its data
+                # alone: all bytes of a request (chunk extensions too) are bounded here
+                received += len(data)
+                if received > MAX_HEAD + 2 * MAX_BODY:
+                    raise _Refused(413 if request is not None else 431, "request too large")
                 protocol.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
@@ -351,6 +383,9 @@ class HttpServer:
                 length = fields.get(b"content-length")
                 if length is not None and int(length) > MAX_BODY:
                     raise _Refused(413, "request body too large")
+                if protocol.they_are_waiting_for_100_continue:  # Expect: 100-continue
+                    writer.write(protocol.send(h11.InformationalResponse(status_code=100,
+                                                                         headers=[])))
             elif isinstance(event, h11.Data):
                 body += len(event.data)
                 if body > MAX_BODY:
@@ -361,8 +396,12 @@ class HttpServer:
                 return None
 
     async def _answer(self, request: h11.Request, web: WebConfig) -> tuple[Reply, int]:
-        """The reply, and 1 when it is a scrape counted against --web.max-requests."""
-        path, _, query = request.target.partition(b"?")
+        """The reply, and 1 when it is a scrape (its rendering counted against
+        --web.max-requests, its writing against WRITE_BUDGET)."""
+        target = request.target
+        if target.startswith((b"http://", b"https://")):  # absolute-form (RFC 9112 3.2.2)
+            target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"
+        path, _, query = target.partition(b"?")
         headers = {name: value for name, value in request.headers}  # h11 lower-cases names
         if web.rate_limit is not None:
             if self._bucket is None or self._bucket[0] != web.rate_limit:
@@ -396,9 +435,8 @@ class HttpServer:
                 self._render, self.pages.metrics, query,
                 headers.get(b"accept", b"").decode("latin-1"),
                 headers.get(b"accept-encoding", b"").decode("latin-1"))
-        except BaseException:
+        finally:
             self._scrapes -= 1
-            raise
         return reply, 1
 
     async def _send(self, writer, protocol: h11.Connection, request, reply: Reply,
@@ -441,10 +479,20 @@ def _check_request_line(head: bytes) -> None:
 
 
 def _san_allowed(certificate: dict | None, allowed: frozenset[str]) -> bool:
-    """client_allowed_sans: one of the certificate's DNS, IP, e-mail or URI names must match."""
+    """client_allowed_sans: one of the certificate's DNS, IP, e-mail or URI names must match.
+    IP addresses compare as addresses: Python writes ::1 as 0:0:0:0:0:0:0:1, users as Go does."""
     if not certificate:
         return False
-    return any(value in allowed for _kind, value in certificate.get("subjectAltName", ()))
+    wanted = {_ip_or_text(value) for value in allowed}
+    return any(_ip_or_text(value) in wanted
+               for _kind, value in certificate.get("subjectAltName", ()))
+
+
+def _ip_or_text(value: str):
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return value
 
 
 def _peer(endpoint) -> str:

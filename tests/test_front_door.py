@@ -244,17 +244,40 @@ def test_resets_and_timeouts_leave_no_traceback(netns):
 
 @pytest.mark.parametrize("exporter", [("--web.max-requests=1",)], indirect=True)
 def test_scrapes_beyond_max_requests_get_503(exporter):
+    """Renderings at once are capped: twelve scrapers asking for distinct name[] selections
+    (each one a rendering) at the same moment, one slot."""
+    import concurrent.futures
     with exporter.ns.entered():
-        # a scraper that asks for 200 scrapes at once (pipelined) and reads nothing: once the
-        # socket buffers are full (a few MB), a reply stays in flight
-        stuck = connect(rcvbuf=4096)
-        stuck.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
-        wait_for(lambda: fetch("/metrics")[0] == 503, timeout=5, what="a 503")
-        status, _, body = fetch("/metrics")
-        assert status == 503 and b"more than 1 scrapes in flight" in body
+        def scrape(i):
+            with exporter.ns.entered():
+                return fetch(f"/metrics?name[]=netstat_tcp_connections&name[]=x{i}")
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(scrape, range(36)))
+        statuses = [status for status, _h, _b in results]
+        assert set(statuses) <= {200, 503} and 200 in statuses
+        assert 503 in statuses, statuses
+        assert all(b"more than 1 scrapes in flight" in body
+                   for status, _h, body in results if status == 503)
         assert fetch("/healthz")[0] == 200  # health is not a scrape
-        stuck.close()
-        wait_for(lambda: fetch("/metrics")[0] == 200, timeout=40, what="the slot to free up")
+
+
+def test_clients_that_never_read_hold_no_scrape_slot_and_give_way(netns):
+    """45 clients pipelining scrapes and reading nothing: scrapes still answer (a slot is a
+    rendering, not a write), and at the connection cap the stalled ones are evicted."""
+    proc = start_exporter(netns, "--web.max-connections=30")
+    try:
+        with netns.entered():
+            stuck = []
+            for _ in range(45):
+                sock = connect(rcvbuf=4096)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
+                stuck.append(sock)
+            wait_for(lambda: fetch("/metrics")[0] == 200, timeout=15,
+                     what="a scrape answered beside the stalled readers")
+            for sock in stuck:
+                sock.close()
+    finally:
+        assert "Traceback" not in stop(proc)
 
 
 @pytest.mark.parametrize("exporter", [("--sample.interval=3600",)], indirect=True)
@@ -309,3 +332,59 @@ def test_metrics_cache_renders_once_per_snapshot_and_format():
 ])
 def test_accepts_gzip(header, expected):
     assert accepts_gzip(header) is expected
+
+
+@pytest.mark.parametrize("cut", [2, 4, 8, 20])
+def test_pipelined_requests_split_anywhere_are_answered(exporter, cut):
+    """The next request's line split across two reads, behind a whole request."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with exporter.ns.entered(), connect() as sock:
+        sock.sendall(first + second[:cut])
+        assert read_all(sock, limit=0.5).count(b"HTTP/1.1 200 ") == 1
+        sock.sendall(second[cut:])
+        rest = read_all(sock)
+    assert rest.startswith(b"HTTP/1.1 200 ") and not rest.endswith(b"<open>")
+
+
+@pytest.mark.parametrize("request_bytes, expect", [
+    (b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
+     b"Connection: close\r\n\r\n", b"HTTP/1.1 100 "),
+    (b"GET http://somewhere:10101/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+     b"HTTP/1.1 200 "),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: application/openmetrics-text; version=abc"
+     b"\r\nConnection: close\r\n\r\n", b"HTTP/1.1 200 "),
+])
+def test_expect_absolute_form_and_odd_accept_headers(exporter, request_bytes, expect):
+    with exporter.ns.entered(), connect() as sock:
+        sock.sendall(request_bytes)
+        first = read_all(sock, limit=1)
+        if expect == b"HTTP/1.1 100 ":  # the client sends its body only after the 100
+            assert first.startswith(expect), first[:80]
+            sock.sendall(b"abc")
+            first += read_all(sock)
+            assert b"HTTP/1.1 200 " in first
+        else:
+            assert first.startswith(expect), first[:80]
+
+
+def test_chunk_extensions_count_toward_the_body_limit(exporter):
+    chunk = b"1;" + b"e" * 8000 + b"\r\nx\r\n"
+    with exporter.ns.entered(), connect() as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        started = time.monotonic()
+        try:
+            for _ in range(200):  # 1.6 MB of extensions for 200 bytes of data
+                sock.sendall(chunk)
+        except OSError:
+            pass  # refused and closed before we were done sending: the point
+        reply = read_all(sock, limit=5)
+    assert reply.startswith(b"HTTP/1.1 413 ") and time.monotonic() - started < 5
+
+
+def test_ipv6_sans_compare_as_addresses():
+    from exporter.server import _san_allowed
+    cert = {"subjectAltName": (("IP Address", "0:0:0:0:0:0:0:1"), ("DNS", "a.example"))}
+    assert _san_allowed(cert, frozenset({"::1"}))
+    assert _san_allowed(cert, frozenset({"a.example"}))
+    assert not _san_allowed(cert, frozenset({"::2", "b.example"}))

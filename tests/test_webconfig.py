@@ -513,3 +513,28 @@ def test_wrong_passwords_never_push_out_the_scraper():
         return len(auth._granted), len(auth._refused)
     granted, refused = asyncio.run(scenario())
     assert granted == 1 and refused == webconfig.AUTH_CACHE_ENTRIES
+
+
+@pytest.mark.netns
+def test_a_revoked_user_is_refused_on_a_connection_opened_before(netns, tmp_path):
+    import http.client
+    path = write(tmp_path / "web.yml", "basic_auth_users: {a: '%s', b: '%s'}\n" % (HASH, HASH))
+    proc = start(netns, path)
+    auth = {"Authorization": "Basic " + base64.b64encode(f"a:{PASSWORD}".encode()).decode()}
+    try:
+        with netns.entered():
+            conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=5)
+
+            def status():
+                conn.request("GET", "/metrics", headers=auth)
+                response = conn.getresponse()
+                response.read()
+                return response.status
+            assert status() == 200
+            write(path, "basic_auth_users: {b: '%s'}\n" % HASH)  # a is revoked
+            wait_for(lambda: status() == 401, timeout=5, what="a to be refused on its "
+                     "keep-alive connection")
+            conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
