@@ -23,6 +23,10 @@ from .sources.sockets import SocketReader
 
 log = logging.getLogger(__name__)
 
+class Blocked(TimeoutError):
+    """A view's read did not return within its budget (the watchdog)."""
+
+
 @dataclass(frozen=True)
 class SourceResult:
     ok: bool
@@ -127,11 +131,14 @@ class Sampler:
         started = self._clock()
         results = {}
         self.current = {}
+        blocked = 0.0
         for view in self.views:
             name, t0 = view.name, self._clock()
             try:
                 data = self._read(view)
             except Exception as exc:  # one failing source must never stop the others
+                if isinstance(exc, Blocked):
+                    blocked += self._clock() - t0
                 # Log when a source starts failing or fails differently, not every sample.
                 if self._errors.get(name) != str(exc):
                     log.error("collector %s failed: %s", name, exc,
@@ -144,7 +151,9 @@ class Sampler:
                 results[name] = SourceResult(True, self._clock() - t0, data=data)
                 self.current[name] = data
         finished = self._clock()
-        self._stretch(finished - started)
+        # time spent waiting on reads that did not return is not the cost of sampling:
+        # it must not slow every other view down (stretch the interval)
+        self._stretch(finished - started - blocked)
         return Snapshot(taken_at=self._wall_clock(), monotonic=finished,
                         duration=finished - started,
                         effective_interval=self._effective_interval,
@@ -160,8 +169,8 @@ class Sampler:
         if stuck is not None:
             future, since = stuck
             if not future.done():  # the same words each time: logged once, not per sample
-                raise TimeoutError(f"blocked: the read started at {since} has not returned "
-                                   f"(a hung mount, a stuck netlink socket?)")
+                raise Blocked(f"blocked: the read started at {since} has not returned "
+                              f"(a hung mount, a stuck netlink socket?)")
             del self._stuck[view.name]
             log.warning("collector %s returned after blocking; reading it again", view.name)
         worker = self._workers.get(view.name)
@@ -177,8 +186,8 @@ class Sampler:
             # the blocked read keeps its buffer: the others get a fresh one
             self.reader.buffer = bytearray(len(self.reader.buffer))
             self._workers.pop(view.name).shutdown(wait=False)
-            raise TimeoutError(f"no answer within {self.budget:g}s; reported failed until "
-                               f"it returns") from None
+            raise Blocked(f"no answer within {self.budget:g}s; reported failed until it "
+                          f"returns") from None
 
     def _update_peaks(self, now: float, results: Mapping[str, SourceResult]) -> dict[str, int]:
         counts: dict[str, int] = {}

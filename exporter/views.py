@@ -73,10 +73,11 @@ def _read_sockets(reader: SocketReader, protocol: str, new_accumulator):
     # A dump is aggregated batch by batch; if it has to start over (interrupted, or netlink
     # refused and we fall back to /proc), the partial sums are thrown away with it.
     reader.retry_netlink(protocol)
+    buffer = reader.buffer  # ours for the whole read, retries included (see the watchdog)
     for _attempt in range(3):
         acc = new_accumulator()
         try:
-            for table in reader.tables(protocol):
+            for table in reader.tables(protocol, buffer):
                 acc.add(table)
             reader.netlink_works(protocol)
             return acc.result()
@@ -141,7 +142,7 @@ INTERFACE_LIMIT = 256  # most devices with their own series, whatever the budget
 
 def _interfaces(ctx) -> interfaces.InterfaceTable:
     """Devices filtered by --collector.interfaces.device-include/-exclude, then the busiest
-    (bytes both ways) get their own series, with the top-N's hysteresis, as many as fit in
+    (bytes both ways since the last sample) get their own series, with the top-N's hysteresis, as many as fit in
     what --series.limit leaves after the TCP view's series (at most INTERFACE_LIMIT): a host
     with 300 cali* devices keeps eth0, and device series count in the budget."""
     missing: list[str] = []
@@ -157,8 +158,15 @@ def _interfaces(ctx) -> interfaces.InterfaceTable:
                    // SERIES_PER_DEVICE)
     previous = ctx.previous("interfaces")
     incumbents = frozenset(previous.shown or ()) if previous is not None else frozenset()
-    traffic = {device: c["receive_bytes"] + c["transmit_bytes"] + 1  # idle devices rank too
-               for device, c in wanted.items()}
+    # bytes since the last sample (since boot for the first, and for a new device), so a
+    # device busy now displaces one that was busy long ago; +1: idle devices rank too
+    before = previous.counters if previous is not None else {}
+    traffic = {}
+    for device, c in wanted.items():
+        moved = c["receive_bytes"] + c["transmit_bytes"]
+        if device in before:
+            moved -= before[device]["receive_bytes"] + before[device]["transmit_bytes"]
+        traffic[device] = max(0, moved) + 1
     shown = tuple(sorted(device for device, _count in aggregate.top_n(traffic, room, incumbents)))
     cut = len(wanted) - len(shown)
     if ctx.remote is not None or cut:  # the counter exists wherever the budget applies
@@ -213,9 +221,10 @@ def _flows(ctx, previous):
     (root only); else count and limit alone. Each fallback is said once."""
     options = ctx.remote or aggregate.RemoteOptions()
     refusal = OSError(errno.EPERM, "--collector.sockets.source=proc")
+    buffer = ctx.reader.buffer  # ours for the whole read, retries included
     try:
         if ctx.reader.mode != "proc":  # proc: no netlink at all, as for the socket tables
-            return (_count_flows(lambda: ctnetlink.dump(ctx.reader.buffer), options, previous),
+            return (_count_flows(lambda: ctnetlink.dump(buffer), options, previous),
                     "netlink")
     except OSError as exc:
         if isinstance(exc, sockdiag.DumpError) or exc.errno not in REFUSED:
@@ -248,11 +257,13 @@ def _count_flows(batches, options, previous):
 
 
 def _namespaces(ctx) -> aggregate.NetnsSummary:
+    buffer = ctx.reader.buffer  # ours for the whole walk, however long it takes
+
     def states_here() -> dict[str, int]:
         for _attempt in range(3):  # an interrupted dump is read again, as the host's is
             try:
                 return aggregate.summarize_tcp(
-                    sockdiag.dump(socket.IPPROTO_TCP, buffer=ctx.reader.buffer)).state_totals()
+                    sockdiag.dump(socket.IPPROTO_TCP, buffer=buffer)).state_totals()
             except sockdiag.DumpInterrupted:
                 continue
         raise sockdiag.DumpInterrupted(errno.EINTR, "TCP dump interrupted three times")

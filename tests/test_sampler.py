@@ -275,7 +275,8 @@ def test_a_read_that_never_returns_is_reported_and_blocks_nothing(caplog):
     release = threading.Event()
     hung = dataclasses.replace(BY_NAME["snmp"], read=lambda _ctx: release.wait(30) and {})
     views = (BY_NAME["tcp"], hung)
-    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), views=views, budget=0.3)
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), views=views, budget=0.3,
+                      interval=0.1)
     pages = Pages(lambda _get: CollectorRegistry(), lambda: sampler.snapshot)
     with caplog.at_level(logging.WARNING):
         first = sampler.sample_once()
@@ -288,6 +289,8 @@ def test_a_read_that_never_returns_is_reported_and_blocks_nothing(caplog):
     assert "has not returned" in second.results["snmp"].error and second.duration < 0.2
     assert sum("collector snmp failed" in r.getMessage() for r in caplog.records) == 2
     assert first.blocked == second.blocked == {"snmp"}
+    # waiting on the hung read is not sampling cost: the others keep their interval
+    assert first.effective_interval == second.effective_interval == 0.1
     assert health.status == 503 and health.body.startswith(b"blocked: snmp")
     assert sampler.snapshot.results["snmp"].ok and pages.health().status == 200
     assert any("returned after blocking" in r.getMessage() for r in caplog.records)
