@@ -127,6 +127,23 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def wait_for_line(proc, text: str, timeout: float = 15.0) -> str:
+    """Read the process's stderr until a line holding `text` (the process must be alive)."""
+    import selectors
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stderr, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                raise AssertionError(f"timed out waiting for {text!r} on stderr")
+            line = proc.stderr.readline()
+            if not line:
+                raise AssertionError(f"the process ended before printing {text!r}")
+            if text in line:
+                return line
+
+
 def read_blocks(proc, count: int, timeout: float = 15.0) -> str:
     """Wait until a `snapshot --watch` process has printed `count` blocks ("# <time>" lines)
     and the line after the last one; return what was read."""

@@ -16,7 +16,7 @@ import pytest
 
 from exporter.pages import Pages
 from tests.conftest import unavailable
-from tests.kernel import build_mix, wait_for
+from tests.kernel import build_mix, wait_for, wait_for_line
 
 PORT = 10101
 
@@ -47,14 +47,12 @@ def running(netns_factory, request):
          f"--web.listen-address=127.0.0.1:{PORT}", f"--sample.interval={interval}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def up():
-        with a.entered():
-            try:
-                return fetch("/healthz")[0] == 200
-            except OSError:
-                return proc.poll() is not None  # stop waiting if it died
-    wait_for(up, timeout=15, what="the exporter to answer")
-    assert proc.poll() is None, proc.stderr.read()
+    # Connect only once it says it listens: that line comes after its first sample, and a
+    # connection made earlier (the kernel completes handshakes before any accept()) would be
+    # in that sample.
+    wait_for_line(proc, "listening on", timeout=15)
+    with a.entered():
+        assert fetch("/healthz")[0] == 200
     yield SimpleNamespace(ns=a, proc=proc, mix=mix)
     if proc.poll() is None:
         proc.kill()
