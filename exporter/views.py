@@ -175,13 +175,18 @@ def _interfaces(ctx) -> interfaces.InterfaceTable:
 
 
 def _tcp_series(summary) -> int:
-    """The labelled series the TCP view made (remotes, ports, listeners)."""
+    """What the TCP view took of --series.limit, counted as its policy counts it: the OTHER
+    and EXCLUDED rows it always keeps (MIN_SERIES_LIMIT), then each remote, port and
+    listener series it shows."""
     if summary is None:
         return 0
     per_listener = 2 if any(l.backlog is not None for l in summary.listeners) else 1
     used = per_listener * len(summary.listeners)
     if summary.remote is not None:
-        used += len(summary.remote.remote) + len(summary.remote.local_port)
+        buckets = (aggregate.OTHER, aggregate.EXCLUDED)
+        used += aggregate.MIN_SERIES_LIMIT + sum(
+            1 for table in (summary.remote.remote, summary.remote.local_port)
+            for (_state, label) in table if label not in buckets)
     return used
 
 
@@ -213,6 +218,21 @@ def _conntrack(ctx) -> ConntrackData | None:
     previous = ctx.previous("conntrack")
     previous_flows = previous.flows if previous is not None else None
     flows, source = _flows(ctx, previous_flows)
+    if flows is not None and ctx.remote is not None:
+        # NAT sources share --series.limit with the TCP and device series read before them
+        interfaces_data = ctx.current.get("interfaces")
+        used = _tcp_series(ctx.current.get("tcp")) + SERIES_PER_DEVICE * len(
+            (interfaces_data.shown or ()) if interfaces_data is not None else ())
+        room = max(0, ctx.remote.series_limit - used)
+        shown = [item for item in flows.nat_sources if item[0] != aggregate.OTHER]
+        if len(shown) > room:
+            kept, cut = shown[:room], shown[room:]
+            other = sum(count for label, count in flows.nat_sources
+                        if label == aggregate.OTHER) + sum(count for _label, count in cut)
+            flows = dataclasses.replace(flows, nat_sources=tuple(kept) + ((aggregate.OTHER,
+                                                                           other),))
+            ctx.truncated_total["nat_sources"] = ctx.truncated_total.get("nat_sources", 0) \
+                + len(cut)
     return ConntrackData(table, flows, source, stats)
 
 

@@ -275,3 +275,19 @@ def test_counting_matches_a_plain_python_reference(entries, top, prefix_v4):
         if source != "other":
             assert sources[source] == count
             assert all(count >= c for s, c in sources.items() if s not in shown)
+
+
+@pytest.mark.netns
+def test_nat_sources_share_the_series_budget(nat):
+    from exporter.aggregate import RemoteOptions
+    router = nat
+    with router.entered():
+        roomy = Sampler(SocketReader("netlink"), collectors=["conntrack"],
+                        remote=RemoteOptions()).sample_once()
+        # a budget the TCP series alone use up: the source folds into other, counted as cut
+        tight = Sampler(SocketReader("netlink"), collectors=["tcp", "conntrack"],
+                        remote=RemoteOptions(series_limit=28)).sample_once()
+    assert dict(roomy.results["conntrack"].data.flows.nat_sources)["10.0.1.2"] >= 12
+    sources = dict(tight.results["conntrack"].data.flows.nat_sources)
+    assert list(sources) == ["other"] and sources["other"] >= 12
+    assert tight.truncated_total["nat_sources"] == 1

@@ -11,7 +11,8 @@ TRUNCATED_METRICS = {"remote": "netstat_tcp_remote_connections",
                      "listen_queue_length": "netstat_tcp_listen_queue_length",
                      "listen_backlog": "netstat_tcp_listen_backlog",
                      # a device cut loses every per-device family at once
-                     "devices": "netstat_interface_*"}
+                     "devices": "netstat_interface_*",
+                     "nat_sources": "netstat_conntrack_nat_source_flows"}
 
 
 class ExporterCollector:
