@@ -234,7 +234,9 @@ def serve_main(cfg: config.Config) -> int:
              __version__, bound[0], bound[1], "TLS" if web and web.current.tls else "plain HTTP",
              cfg.sample_interval)
     while not stop.is_set():
-        wake.wait()
+        # with a timeout: the kernel may hand a signal to any of our threads, and Python runs
+        # the handler only when the main thread wakes up
+        wake.wait(0.5)
         wake.clear()
         if not hangup.is_set():
             continue

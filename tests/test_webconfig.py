@@ -412,20 +412,21 @@ def test_prometheus_scrapes_over_mutual_tls_with_basic_auth(netns, pki, tmp_path
 @pytest.mark.netns
 def test_sighup_rereads_the_web_config_and_never_kills(netns, tmp_path):
     import signal
+    from tests.kernel import wait_for_line
     path = write(tmp_path / "web.yml", "basic_auth_users: {a: '%s'}\n" % HASH)
     proc = start(netns, path)
     try:
         assert get(netns, "/metrics", user="a")[0] == 200
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: get(netns, "/metrics", user="a")[0] == 200, timeout=5,
-                 what="the exporter to serve on after SIGHUP")
+        assert "the web config is re-read at the next connection" in wait_for_line(
+            proc, "SIGHUP", timeout=5)
+        assert get(netns, "/metrics", user="a")[0] == 200  # still serving, and re-reading
+        wait_for_line(proc, "reloaded", timeout=5)
         assert proc.poll() is None
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
-    log = proc.stderr.read()
-    assert "SIGHUP: the web config is re-read at the next connection" in log
-    assert "reloaded" in log and "Traceback" not in log
+    assert "Traceback" not in proc.stderr.read()
 
 
 def test_a_flood_of_wrong_passwords_never_queues_in_front_of_a_known_scraper():
