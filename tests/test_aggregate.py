@@ -321,8 +321,10 @@ def test_remote_counts_at_scale_many_ties_both_families():
     host = rng.permutation(n) % 60_000
     host[:2000] = rng.integers(0, 5, 2000)  # five heavy remotes
     words = np.zeros((n, 4), dtype=np.uint32)
-    be = lambda x: np.asarray(x, dtype=">u4").astype(np.uint32) if sys.byteorder == "big" \
-        else np.asarray(x, dtype=np.uint32).byteswap()
+
+    def be(values):  # native words holding network-order bytes, as the kernel's
+        values = np.asarray(values, dtype=np.uint32)
+        return values if sys.byteorder == "big" else values.byteswap()
     words[:, 0] = np.where(v6, be(0x20010DB8), np.where(mapped, 0, be(0x0A000000 + host)))
     words[:, 2] = np.where(mapped, be(0xFFFF), 0)
     words[:, 3] = np.where(v6, be(host), np.where(mapped, be(0x0A000000 + host), 0))
