@@ -205,3 +205,48 @@ def test_client_side_time_wait_per_destination(netns_factory):
     assert get("netstat_tcp_client_time_wait", {"destination": "127.0.0.1:7500"}) == 6
     assert get("netstat_tcp_client_time_wait", {"destination": "other"}) == 0
     assert get("netstat_tcp_connections", {"state": "TIME_WAIT", "family": "ipv4"}) == 10
+
+
+def test_many_ipv6_peers_and_mapped_ones_equal_ss(netns):
+    """Real IPv6 peers from many addresses (2001:db8::/64 and 7f00:1::/64, whose first word
+    reads like 127.0.1.0, routed `local` to lo), IPv4 peers and IPv4-mapped ones on a
+    dual-stack listener: per-state counts equal ss's, and a /64 prefix folds them."""
+    netns.sysctl("net.ipv6.ip_nonlocal_bind", "1")
+    for prefix in ("2001:db8::/64", "7f00:1::/64"):
+        netns.ip("-6", "route", "add", "local", prefix, "dev", "lo")
+    keep: list[socket.socket] = []
+    try:
+        with netns.entered():
+            six = listener(socket.AF_INET6, "::1", 7100, 512)
+            dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            dual.bind(("::", 7101))
+            dual.listen(512)
+            four = listener(socket.AF_INET, "127.0.0.1", 7102, 512)
+            keep += [six, dual, four]
+            for n in range(1, 41):
+                for _ in range(n % 4 + 1):
+                    keep += connect_pair(six, f"2001:db8::1:{n:x}")
+                keep += connect_pair(six, f"7f00:1::{n:x}")
+            for n in range(1, 11):  # IPv4 clients of the dual-stack listener: mapped peers
+                for _ in range(n % 3 + 1):
+                    client = socket.socket()
+                    client.bind((f"127.0.6.{n}", 0))
+                    client.connect(("127.0.0.1", 7101))
+                    keep += [client, dual.accept()[0]]
+                keep += connect_pair(four, f"127.0.6.{n}")
+        counts = sample(netns).snapshot.results["tcp"].data.remote.counts
+        peers = ss_peers(netns)
+        assert sum(peers["ESTABLISHED"].values()) == len(keep) - 3
+        for state in REMOTE_STATES:
+            name = NETSTAT_STATES[state]
+            ours = {key.text(): n for key, n in counts.top((state,), 10**6)}
+            assert ours == dict(peers.get(name, {})), name
+        folded = sample(netns, prefix_v6=64, prefix_v4=24).snapshot.results["tcp"].data.remote
+        est = {label: n for (state, label), n in folded.remote.items() if state == "ESTABLISHED"}
+        assert est["2001:db8::/64"] == sum(n % 4 + 1 for n in range(1, 41))
+        assert est["7f00:1::/64"] == 40
+        assert est["127.0.6.0/24"] == sum(n % 3 + 1 for n in range(1, 11)) + 10
+    finally:
+        for sock in keep:
+            sock.close()
