@@ -448,8 +448,9 @@ class RemoteAccumulator:
         opts = self.options
         if self._pending or not self._counted:
             self._count_pending()
-        hi, lo, state, counts = (self._counted[0] if len(self._counted) == 1
-                                 else _merge(self._counted))
+        if len(self._counted) > 1:
+            self._counted = [_merge(self._counted)]  # the levels go before the copies below
+        hi, lo, state, counts = self._counted[0]
         order = np.argsort(state, kind="stable")  # a radix sort of bytes
         return RemoteCounts(state=state[order], hi=hi[order], lo=lo[order], count=counts[order],
                             prefix_v4=opts.prefix_v4, prefix_v6=opts.prefix_v6)
