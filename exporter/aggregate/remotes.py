@@ -347,8 +347,8 @@ def _merge(levels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 class RemoteAccumulator:
-    """Collects (state, remote) and (state, local port) keys batch by batch; result() counts
-    them with one pass of count_keys."""
+    """Collects (state, remote) and (state, local port) keys batch by batch; the remote keys
+    are counted every _CHUNK_ROWS rows (count_keys) and the counts merged in result()."""
 
     def __init__(self, options: RemoteOptions = RemoteOptions()):
         self.options = options
