@@ -137,22 +137,20 @@ def _zoned(listener):
 
 # Series each shown device makes: the 16 /proc/net/dev counters, MTU, up, running.
 SERIES_PER_DEVICE = 19
-INTERFACE_LIMIT = 256  # most devices with their own series, whatever the budget
 
 
 def _interfaces(ctx) -> interfaces.InterfaceTable:
     """Devices filtered by --collector.interfaces.device-include/-exclude, then the busiest
-    (bytes both ways since the last sample) get their own series, with the top-N's hysteresis, as many as fit in
-    what --series.limit leaves after the TCP view's series (at most INTERFACE_LIMIT): a host
-    with 300 cali* devices keeps eth0, and device series count in the budget."""
-    missing: list[str] = []
-    table = interfaces.read_table(ctx.reader.procfs, missing)
-    note_missing(ctx.reader.missing, missing)
+    (bytes both ways since the last sample) get their own series, with the top-N's
+    hysteresis, as many as fit in what --series.limit leaves after the TCP view's series (at
+    most network.INTERFACE_LIMIT): a host with 300 cali* devices keeps eth0, and device
+    series count in the budget."""
+    table = _read_noted(ctx, interfaces.read_table)
     include, exclude = ctx.device_include, ctx.device_exclude
     wanted = {device: counters for device, counters in table.counters.items()
               if (include is None or include.fullmatch(device))
               and not (exclude is not None and exclude.fullmatch(device))}
-    room = INTERFACE_LIMIT
+    room = network.INTERFACE_LIMIT
     if ctx.remote is not None:
         room = min(room, max(0, ctx.remote.series_limit - _tcp_series(ctx.current.get("tcp")))
                    // SERIES_PER_DEVICE)
@@ -190,14 +188,18 @@ def _tcp_series(summary) -> int:
     return used
 
 
+def _read_noted(ctx, read):
+    """read(procfs, missing), the optional files it found absent (IPv6 off, module not
+    loaded) noted once."""
+    missing: list[str] = []
+    data = read(ctx.reader.procfs, missing)
+    note_missing(ctx.reader.missing, missing)
+    return data
+
+
 def _file_source(read) -> Callable[[Any], Any]:
-    """A /proc reader whose absent optional files (IPv6 off, module not loaded) are noted once."""
-    def reader(ctx):
-        missing: list[str] = []
-        data = read(ctx.reader.procfs, missing)
-        note_missing(ctx.reader.missing, missing)
-        return data
-    return reader
+    """A view reader that is one /proc source's read()."""
+    return lambda ctx: _read_noted(ctx, read)
 
 
 @dataclass(frozen=True)
@@ -209,12 +211,10 @@ class ConntrackData:
 
 
 def _conntrack(ctx) -> ConntrackData | None:
-    missing: list[str] = []
-    table = conntrack.read(ctx.reader.procfs, missing)
-    note_missing(ctx.reader.missing, missing)
+    table = _read_noted(ctx, conntrack.read)
     if table is None:  # nf_conntrack not loaded: nothing to report, nothing failed
         return None
-    stats = conntrack.read_stats(ctx.reader.procfs, missing)
+    stats = _read_noted(ctx, conntrack.read_stats)
     previous = ctx.previous("conntrack")
     previous_flows = previous.flows if previous is not None else None
     flows, source = _flows(ctx, previous_flows)
