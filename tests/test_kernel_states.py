@@ -181,3 +181,25 @@ def test_listener_cap_keeps_its_members_until_clearly_beaten():
     assert sorted(l.port for l in third.listeners) == [80, 8080]
     assert third.listeners[0].port == 8080  # shown fullest first
     assert third.listeners_total == 3
+
+
+def test_a_datagram_larger_than_the_room_left_fails_the_dump_never_shortens_it(netns,
+                                                                                 monkeypatch):
+    # The kernel fills a dump datagram up to about a page (more when the reader's buffer is
+    # larger); with room for 512 bytes only, 40 listeners' messages cannot fit, and MSG_TRUNC
+    # must turn that into an error instead of a table missing the rest of the datagram.
+    with netns.entered():
+        held = []
+        for _ in range(40):
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            held.append(listener)
+        try:
+            assert len(SocketTable.concat(list(sockdiag.dump(socket.IPPROTO_TCP)))) == 40
+            monkeypatch.setattr(sockdiag, "_DATAGRAM_ROOM", 512)
+            with pytest.raises(sockdiag.DumpError, match="larger than the receive buffer"):
+                list(sockdiag.dump(socket.IPPROTO_TCP))
+        finally:
+            for listener in held:
+                listener.close()

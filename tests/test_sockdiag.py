@@ -5,6 +5,7 @@ import itertools
 import socket
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -111,12 +112,20 @@ def test_done_not_last_is_an_error():
 
 
 def test_check_datagram_spots_done_at_the_tail_and_errors_at_the_head():
-    assert sockdiag._check_datagram(memoryview(message() + done()), SEQ) is True
-    assert sockdiag._check_datagram(memoryview(message()), SEQ) is False
-    assert sockdiag._check_datagram(memoryview(message() + done(seq=SEQ + 1)), SEQ) is False
-    err = sockdiag.NLMSGHDR.pack(36, sockdiag.NLMSG_ERROR, 0, SEQ, 0) + struct.pack("=i", -13) + b"\0" * 16
-    with pytest.raises(PermissionError):
-        sockdiag._check_datagram(memoryview(err), SEQ)
+    def check(data, at=0):  # a datagram lying somewhere inside a larger receive buffer
+        buf = bytearray(b"\xff" * at + data + b"\xff" * 64)
+        return sockdiag._check_datagram(buf, at, len(data), SEQ)
+    for at in (0, 44):
+        assert check(message() + done(), at) is True
+        assert check(message(), at) is False
+        assert check(message() + done(seq=SEQ + 1), at) is False
+        err = sockdiag.NLMSGHDR.pack(36, sockdiag.NLMSG_ERROR, 0, SEQ, 0) + struct.pack("=i", -13) + b"\0" * 16
+        with pytest.raises(PermissionError):
+            check(err, at)
+        with pytest.raises(sockdiag.DumpError):  # an error cut before its errno
+            check(err[:16], at)
+        with pytest.raises(sockdiag.DumpError):
+            check(message()[:12], at)
 
 
 @settings(max_examples=300, deadline=None)
@@ -155,3 +164,55 @@ def test_valid_dumps_decode_exactly_and_any_truncation_fails(rows, cut):
     if cut_at not in boundaries:
         with pytest.raises(OSError):
             sockdiag.decode(data[:cut_at], SEQ, sockdiag.TCPDIAG_GETSOCK)
+
+
+def walk(data: bytes) -> list[int]:
+    """Message starts (word index) by the plainest walk, the reference for the fast paths."""
+    starts, i = [], 0
+    while i < len(data):
+        starts.append(i // 4)
+        i += (struct.unpack_from("=I", data, i)[0] + 3) & ~3
+    return starts
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 1500), st.sampled_from([0, 4, 8, 36])), min_size=1,
+                max_size=12),
+       st.sampled_from([0, 1, 255, 256, 257, 600]), st.booleans())
+def test_runs_of_equal_lengths_find_every_message(runs, window, decoy):
+    # Runs of up to 1500 equal messages with lengths changing between them, the way a dump
+    # of mostly ESTABLISHED sockets looks, and windows from 1 message up: the run follower
+    # (or, when lengths change too often, the candidates) must find exactly the plain walk's
+    # starts. A decoy sequence number in a payload must not fool either.
+    msgs, ports = [], []
+    for run, (count, extra) in enumerate(runs):
+        msgs += [message(state=TcpState.ESTABLISHED, sport=run,
+                         inode=SEQ if decoy and run == 0 else 4242,
+                         attrs=b"\x08\x00\x01\x00" + b"\0" * (extra - 4) if extra else b"")] * count
+        ports += [run] * count
+    data = b"".join(msgs) + done()
+    words = np.frombuffer(data, dtype=np.uint32)
+    assert sockdiag._message_starts(words, SEQ).tolist() == walk(data)
+    old = sockdiag._FIRST_WINDOW
+    try:
+        if window:
+            sockdiag._FIRST_WINDOW = window
+        heads = sockdiag._run_heads(data, words, SEQ, sockdiag.TCPDIAG_GETSOCK)
+        table = sockdiag.decode(data, SEQ, sockdiag.TCPDIAG_GETSOCK)
+    finally:
+        sockdiag._FIRST_WINDOW = old
+    if len(runs) == 1:  # one length throughout: the run follower must carry it
+        assert heads is not None
+    if heads is not None:
+        general = sockdiag._gather_heads(data, SEQ, sockdiag.TCPDIAG_GETSOCK)
+        assert heads.tobytes() == general.tobytes()
+    assert table.local_port.tolist() == ports
+
+
+def test_done_flagged_interrupted_after_plain_messages_asks_for_a_retry():
+    # The kernel may flag only the final NLMSG_DONE; the run follower must not accept it.
+    data = message() * 3 + sockdiag.NLMSGHDR.pack(
+        20, sockdiag.NLMSG_DONE, sockdiag.NLM_F_MULTI | sockdiag.NLM_F_DUMP_INTR, SEQ, 99) \
+        + struct.pack("=i", 0)
+    with pytest.raises(sockdiag.DumpInterrupted):
+        sockdiag.decode(data, SEQ, sockdiag.TCPDIAG_GETSOCK)

@@ -134,11 +134,17 @@ def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
 
 
 def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
-               weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               weights: np.ndarray | None = None,
+               expected: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (tag, hi, lo) keys: (index of one row holding each, its count or summed
     weight), in no particular order. Exact: every row is compared with the row that won its
     bucket, in full; rows of other keys go round again with another hash, and the few left
     after _MAX_ROUNDS are sorted.
+
+    expected: about how many distinct keys there are (the last count's), when known. The
+    first round's table is sized for them rather than for every row: 100k sockets of 1k
+    remotes then scatter into a table that stays in L1, not one of 4 MiB. A guess too small
+    only sends more rows to the next round, whose table is sized for the rows left.
 
     Worked example: hi [0, 0, 0], lo [5, 7, 5], tag [1, 1, 1] -> rows [0, 1] (some order),
     counts [2, 1]."""
@@ -147,8 +153,10 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
     for round_ in range(_MAX_ROUNDS):
         if not len(rows):
             break
-        # 4-8 slots per row, few collide; 2-4 when merging chunks, to bound the memory
-        slots = (4 if len(rows) <= 2 * _CHUNK_ROWS else 2) * len(rows)
+        # 4-8 slots per row (or expected key), few collide; 2-4 per row when merging chunks,
+        # to bound the memory
+        keys = len(rows) if round_ or expected is None else min(len(rows), max(expected, 256))
+        slots = (4 if keys <= 2 * _CHUNK_ROWS else 2) * keys
         bits = max(4, (slots - 1).bit_length())
         bucket = _buckets(hi, lo, tag, round_, bits)
         index = rows if round_ == 0 else np.arange(len(rows))
@@ -320,6 +328,22 @@ def _address_words(addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
+def _mapped_keys(addr: np.ndarray, family: np.ndarray,
+                 all_v4: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 4) remote address words and their families -> new (hi, lo) key arrays, IPv4 in
+    its mapped form. all_v4: True or False when the caller knows every row's family."""
+    hi, lo = _address_words(addr)
+    if all_v4 is None:
+        v4 = family == socket.AF_INET  # the address in bytes 0-3: take its mapped form
+        return (np.where(v4, np.uint64(_MAPPED_HI), hi),
+                np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo))
+    if all_v4:
+        lo = _V4_IN_LO(hi, np.uint64(32))
+        lo |= np.uint64(_MAPPED_LO)
+        return np.full(len(lo), _MAPPED_HI, dtype=np.uint64), lo
+    return np.array(hi), np.array(lo)
+
+
 @dataclass(frozen=True)
 class RemoteSummary:
     # (state, remote label) -> count. Per state: the top-N labels, OTHER and (with filters)
@@ -350,8 +374,11 @@ class RemoteAccumulator:
     """Collects (state, remote) and (state, local port) keys batch by batch; the remote keys
     are counted every _CHUNK_ROWS rows (count_keys) and the counts merged in result()."""
 
-    def __init__(self, options: RemoteOptions = RemoteOptions()):
+    def __init__(self, options: RemoteOptions = RemoteOptions(), expected: int | None = None):
+        """expected: distinct (state, remote) keys the last sample counted, if any (sizes the
+        hash tables; see count_keys)."""
         self.options = options
+        self._expected = expected
         self._masks = _key_masks(options)  # (IPv4 lo, IPv6 hi, IPv6 lo) raw masks
         self._masked = options.prefix_v4 < 32 or options.prefix_v6 < 128
         self._networks = ([_network(n) for n in options.include],
@@ -370,33 +397,36 @@ class RemoteAccumulator:
         self._excluded = np.zeros(STATE_SLOTS, dtype=np.int64)
         self._time_wait: list[tuple[np.ndarray, ...]] = []  # (hi, lo, remote port, local port)
 
-    def add(self, table: SocketTable) -> None:
+    def add(self, table: SocketTable, counts: np.ndarray | None = None) -> None:
+        """counts: the batch's sockets per [state, family index] when the caller has them
+        (TcpAccumulator does): they tell which passes over the batch can be skipped."""
         state = table.state
         if not len(state):
             return
-        waiting = np.flatnonzero(state == TcpState.TIME_WAIT)
-        if len(waiting):  # copies: the batch's buffer is reused
-            tw_hi, tw_lo = (np.array(words) for words in _address_words(table.remote_addr[waiting]))
-            tw_v4 = table.family[waiting] == socket.AF_INET
-            tw_lo = np.where(tw_v4, _V4_IN_LO(tw_hi, np.uint64(32)) | np.uint64(_MAPPED_LO), tw_lo)
-            tw_hi = np.where(tw_v4, np.uint64(_MAPPED_HI), tw_hi)
+        if counts is None:
+            counts = np.bincount(state.astype(np.intp) * 2 + (table.family == socket.AF_INET6),
+                                 minlength=STATE_SLOTS * 2).reshape(-1, 2)
+        if counts[TcpState.TIME_WAIT].any():
+            waiting = np.flatnonzero(state == TcpState.TIME_WAIT)
+            # copies: the batch's buffer is reused
+            tw_hi, tw_lo = _mapped_keys(table.remote_addr[waiting], table.family[waiting])
             self._time_wait.append((tw_hi, tw_lo, table.remote_port[waiting].copy(),
                                     table.local_port[waiting].copy()))
-        connected = state != TcpState.LISTEN
-        peered = connected & (state != TcpState.CLOSE)
-        hi, lo = _address_words(table.remote_addr)
-        family, port = table.family, table.local_port
-        if not peered.all():  # most batches hold established sockets only
+        port = table.local_port
+        if counts[TcpState.LISTEN].any() or counts[TcpState.CLOSE].any():
+            connected = state != TcpState.LISTEN
+            peered = connected & (state != TcpState.CLOSE)
             self._port_state.append(state[connected])
             self._port.append(port[connected])
-            state, family, hi, lo = state[peered], family[peered], hi[peered], lo[peered]
-        else:
-            state = state.copy()  # not a view: it would keep the whole batch alive
+            state = state[peered]
+            hi, lo = _mapped_keys(table.remote_addr[peered], table.family[peered])
+        else:  # most batches hold connected sockets only
+            state = np.array(state)  # not a view: it would keep the whole batch alive
             self._port_state.append(state)
-            self._port.append(port.copy())
-        v4 = family == socket.AF_INET  # the address in bytes 0-3: take its mapped form
-        lo = np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo)
-        hi = np.where(v4, np.uint64(_MAPPED_HI), hi)
+            self._port.append(np.array(port))
+            families = counts.sum(0)
+            hi, lo = _mapped_keys(table.remote_addr, table.family,
+                                  None if families[0] and families[1] else bool(families[0]))
         if self._networks[0] or self._networks[1]:
             keep = self._filter(hi, lo)
             self._excluded += np.bincount(state[~keep], minlength=STATE_SLOTS)
@@ -437,7 +467,8 @@ class RemoteAccumulator:
                          for parts, dtype in ((self._hi, np.uint64), (self._lo, np.uint64),
                                               (self._state, np.uint8)))
         self._hi, self._lo, self._state, self._pending = [], [], [], 0
-        rows, counts = count_keys(hi, lo, state)
+        rows, counts = count_keys(hi, lo, state, expected=self._expected)
+        self._expected = max(self._expected or 0, len(rows))
         self._counted.append((hi[rows], lo[rows], state[rows], counts))
         del hi, lo, state, rows
         while len(self._counted) > 1 and \
@@ -467,8 +498,9 @@ class RemoteAccumulator:
             chosen[name] = [(key, count) for key, count in counts.top((state,), opts.top, before)
                             if count >= opts.min_connections]
         ports = sorted(set(listening_ports))
-        by_port = self._by_port(ports)
-        port_totals = {port: int(by_port[:, port].sum()) for port in ports}
+        by_port = self._by_port(ports)  # [state, position in ports]
+        column = {port: i for i, port in enumerate(ports)}
+        port_totals = dict(zip(ports, by_port.sum(0).tolist()))
         shown_ports = [p for p, _ in top_n(port_totals, opts.local_port_top,
                                            previous.port_members if previous else frozenset())]
         truncated = apply_series_limit(chosen, shown_ports, listeners, opts.series_limit,
@@ -486,11 +518,10 @@ class RemoteAccumulator:
         local_port = {}
         for state in PORT_STATES:
             name = NETSTAT_STATES[state]
-            row = by_port[state]
+            row = by_port[state].tolist()
             for port in shown_ports:
-                local_port[(name, str(port))] = int(row[port])
-            local_port[(name, OTHER)] = (int(row[ports].sum())
-                                         - sum(int(row[p]) for p in shown_ports))
+                local_port[(name, str(port))] = row[column[port]]
+            local_port[(name, OTHER)] = sum(row) - sum(row[column[p]] for p in shown_ports)
         client, client_members = self._client_time_wait(
             ports, previous.client_time_wait_members if previous else frozenset())
         return RemoteSummary(
@@ -501,12 +532,11 @@ class RemoteAccumulator:
             client_time_wait_members=client_members)
 
     def _by_port(self, listening: list[int]) -> np.ndarray:
-        """Connected sockets per (state, local port), for the listening ports only (other
-        columns stay 0): one gather through a port -> column table and a small bincount."""
-        by_port = np.zeros((STATE_SLOTS, 1 << 16), dtype=np.int64)  # untouched pages are free
+        """Connected sockets per (state, listening port): [state, position in `listening`],
+        by one gather through a port -> position table and a small bincount."""
         if not self._port or not listening:
-            return by_port
-        # port -> its column; the last column takes every other port (a small table gathers
+            return np.zeros((STATE_SLOTS, len(listening)), dtype=np.int64)
+        # port -> its position; one more takes every other port (a small table gathers
         # fast: 64 KiB for fewer than 255 listening ports)
         narrow = np.uint8 if len(listening) < 255 else np.int32
         column = np.full(1 << 16, len(listening), dtype=narrow)
@@ -515,8 +545,7 @@ class RemoteAccumulator:
         keys *= STATE_SLOTS
         keys += np.concatenate(self._port_state)
         counted = np.bincount(keys, minlength=(len(listening) + 1) * STATE_SLOTS)
-        by_port[:, listening] = counted.reshape(-1, STATE_SLOTS)[:-1].T
-        return by_port
+        return counted.reshape(-1, STATE_SLOTS)[:-1].T
 
     def _client_time_wait(self, listening: list[int], incumbents: frozenset):
         """TIME_WAIT sockets whose local port is not a listening port (we connected out),

@@ -22,23 +22,25 @@ REMOTE_STATES = tuple(s for s in NETSTAT_STATES if s not in (TcpState.LISTEN, Tc
 PORT_STATES = tuple(s for s in NETSTAT_STATES if s != TcpState.LISTEN)
 
 
-def _family_index(family: np.ndarray) -> np.ndarray:
-    return (family == socket.AF_INET6).astype(np.intp)
-
-
 def count_state_family(table: SocketTable, protocol: str):
-    """One batch's (state, family index, counts[state, family index])."""
-    state = table.state.astype(np.intp)
-    if int(state.max()) >= STATE_SLOTS:
-        raise ValueError(f"{protocol} state {int(state.max())} out of range")
-    family = _family_index(table.family)
-    counts = np.bincount(state * 2 + family, minlength=STATE_SLOTS * 2).reshape(STATE_SLOTS, 2)
-    return state, family, counts
+    """One batch's (key, counts): key is state * 2 + family index (0 IPv4, 1 IPv6) per row,
+    counts[state, family index] the sockets per pair."""
+    key = table.state.astype(np.intp)
+    key <<= 1
+    key |= table.family == socket.AF_INET6
+    counts = np.bincount(key, minlength=STATE_SLOTS * 2)
+    if len(counts) > STATE_SLOTS * 2:  # bincount is as long as the largest key needs
+        raise ValueError(f"{protocol} state {(len(counts) - 1) >> 1} out of range")
+    return key, counts.reshape(STATE_SLOTS, 2)
 
 
 def sum_by(keys: np.ndarray, values: np.ndarray, slots: int) -> np.ndarray:
-    """Exact per-key sums of uint32 values. bincount sums in float64, which is exact only
+    """Exact per-key sums of uint32 values. Most sockets' queues are empty, so where most
+    values are 0 only the others are summed. bincount sums in float64, which is exact only
     while a sum stays below 2**53, so no more than 2**21 values go into one call."""
+    busy = np.flatnonzero(values)
+    if len(busy) < len(values) // 2:
+        keys, values = keys[busy], values[busy]
     out = np.zeros(slots, dtype=np.int64)
     step = 1 << 21
     for i in range(0, len(keys), step):
@@ -83,10 +85,10 @@ class UdpAccumulator:
         if not len(table):
             return
         self._total += len(table)
-        _state, fam, counts = count_state_family(table, "UDP")
+        key, counts = count_state_family(table, "UDP")
         self._counts += counts
         for col, queue in enumerate((table.recv_q, table.send_q)):
-            self._queues[:, col] += sum_by(fam, queue, 2)
+            self._queues[:, col] += sum_by(key, queue, STATE_SLOTS * 2).reshape(-1, 2).sum(0)
 
     def result(self) -> UdpSummary:
         sockets = {}

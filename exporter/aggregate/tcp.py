@@ -41,8 +41,10 @@ class TcpAccumulator:
                  owners=None, program_top: int = 20):
         self.listen_limit = listen_limit
         self.backlog_known = backlog_known
-        self._remote = RemoteAccumulator(remote) if remote is not None else None
         self._previous = previous.remote if previous is not None else None
+        self._remote = RemoteAccumulator(
+            remote, len(self._previous.counts) if self._previous is not None else None
+        ) if remote is not None else None
         self._programs = ProgramAccumulator(owners, program_top) if owners is not None else None
         self._previous_programs = previous.programs if previous is not None else None
         self._incumbents = previous.listener_keys if previous is not None else frozenset()
@@ -55,13 +57,13 @@ class TcpAccumulator:
         if not len(table):
             return
         self._sockets += len(table)
-        state, _family, counts = count_state_family(table, "TCP")
+        key, counts = count_state_family(table, "TCP")
         self._counts += counts
         for col, queue in enumerate((table.recv_q, table.send_q)):
-            self._queues[:, col] += sum_by(state, queue, STATE_SLOTS)
+            self._queues[:, col] += sum_by(key, queue, STATE_SLOTS * 2).reshape(-1, 2).sum(1)
         self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
         if self._remote is not None:
-            self._remote.add(table)
+            self._remote.add(table, counts)
         if self._programs is not None:
             self._programs.add(table)
 
