@@ -383,10 +383,11 @@ class RemoteAccumulator:
         self._masked = options.prefix_v4 < 32 or options.prefix_v6 < 128
         self._networks = ([_network(n) for n in options.include],
                           [_network(n) for n in options.exclude])
-        # keys of the batches not yet counted: uint64 raw address words (IPv4 mapped), state
+        # keys of the batches not yet counted: the kernel's address words as two uint64 and
+        # a uint8 tag, state * 2 + family index
         self._hi: list[np.ndarray] = []
         self._lo: list[np.ndarray] = []
-        self._state: list[np.ndarray] = []
+        self._tag: list[np.ndarray] = []
         self._pending = 0  # rows in those
         # every _CHUNK_ROWS rows, the distinct keys so far with their counts: memory follows
         # the number of distinct remotes, not of sockets (a 1M-socket dump)
@@ -399,7 +400,11 @@ class RemoteAccumulator:
 
     def add(self, table: SocketTable, counts: np.ndarray | None = None) -> None:
         """counts: the batch's sockets per [state, family index] when the caller has them
-        (TcpAccumulator does): they tell which passes over the batch can be skipped."""
+        (TcpAccumulator does): they tell which passes over the batch can be skipped.
+
+        Rows are kept as the kernel gives them (raw address words, and a tag of state * 2 +
+        family index): the IPv4-mapped form, filters and prefixes are applied once per
+        distinct key when a chunk is counted, not once per socket."""
         state = table.state
         if not len(state):
             return
@@ -408,37 +413,26 @@ class RemoteAccumulator:
                                  minlength=STATE_SLOTS * 2).reshape(-1, 2)
         if counts[TcpState.TIME_WAIT].any():
             waiting = np.flatnonzero(state == TcpState.TIME_WAIT)
-            # copies: the batch's buffer is reused
             tw_hi, tw_lo = _mapped_keys(table.remote_addr[waiting], table.family[waiting])
             self._time_wait.append((tw_hi, tw_lo, table.remote_port[waiting].copy(),
                                     table.local_port[waiting].copy()))
-        port = table.local_port
+        tag = state << 1  # uint8: state * 2 + family index
+        tag |= table.family == socket.AF_INET6
+        port, addr = table.local_port, table.remote_addr
         if counts[TcpState.LISTEN].any() or counts[TcpState.CLOSE].any():
             connected = state != TcpState.LISTEN
             peered = connected & (state != TcpState.CLOSE)
             self._port_state.append(state[connected])
             self._port.append(port[connected])
-            state = state[peered]
-            hi, lo = _mapped_keys(table.remote_addr[peered], table.family[peered])
+            tag, addr = tag[peered], addr[peered]
         else:  # most batches hold connected sockets only
-            state = np.array(state)  # not a view: it would keep the whole batch alive
-            self._port_state.append(state)
+            self._port_state.append(np.array(state))  # not a view: it would keep the batch
             self._port.append(np.array(port))
-            families = counts.sum(0)
-            hi, lo = _mapped_keys(table.remote_addr, table.family,
-                                  None if families[0] and families[1] else bool(families[0]))
-        if self._networks[0] or self._networks[1]:
-            keep = self._filter(hi, lo)
-            self._excluded += np.bincount(state[~keep], minlength=STATE_SLOTS)
-            state, hi, lo = state[keep], hi[keep], lo[keep]
-        if self._masked:
-            mask4_lo, mask6_hi, mask6_lo = (np.uint64(m) for m in self._masks)
-            lo = lo & np.where(_mapped(hi, lo), mask4_lo, mask6_lo)
-            hi = hi & mask6_hi  # a mapped key's first word is 0 whatever the mask
+        hi, lo = _address_words(addr)
         self._hi.append(hi)
         self._lo.append(lo)
-        self._state.append(state)
-        self._pending += len(state)
+        self._tag.append(tag)
+        self._pending += len(tag)
         if self._pending >= _CHUNK_ROWS:
             self._count_pending()
 
@@ -463,14 +457,34 @@ class RemoteAccumulator:
         distinct key. Levels merge like a binary counter (a level at most twice the size of
         the next is merged with it), so a key is merged O(log) times and the levels together
         stay within about twice the distinct keys."""
-        hi, lo, state = (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-                         for parts, dtype in ((self._hi, np.uint64), (self._lo, np.uint64),
-                                              (self._state, np.uint8)))
-        self._hi, self._lo, self._state, self._pending = [], [], [], 0
-        rows, counts = count_keys(hi, lo, state, expected=self._expected)
+        hi, lo, tag = (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+                       for parts, dtype in ((self._hi, np.uint64), (self._lo, np.uint64),
+                                            (self._tag, np.uint8)))
+        self._hi, self._lo, self._tag, self._pending = [], [], [], 0
+        rows, counts = count_keys(hi, lo, tag, expected=self._expected)
         self._expected = max(self._expected or 0, len(rows))
-        self._counted.append((hi[rows], lo[rows], state[rows], counts))
-        del hi, lo, state, rows
+        hi, lo, tag = hi[rows], lo[rows], tag[rows]
+        del rows
+        # per distinct key now: the mapped form for IPv4, filters, prefixes
+        state = tag >> 1
+        v4 = (tag & 1) == 0
+        lo = np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo)
+        hi = np.where(v4, np.uint64(_MAPPED_HI), hi)
+        if self._networks[0] or self._networks[1]:
+            keep = self._filter(hi, lo)
+            self._excluded += np.bincount(state[~keep], weights=counts[~keep],
+                                          minlength=STATE_SLOTS).astype(np.int64)
+            state, hi, lo, counts = state[keep], hi[keep], lo[keep], counts[keep]
+        if self._masked:
+            mask4_lo, mask6_hi, mask6_lo = (np.uint64(m) for m in self._masks)
+            lo = lo & np.where(_mapped(hi, lo), mask4_lo, mask6_lo)
+            hi = hi & mask6_hi  # a mapped key's first word is 0 whatever the mask
+        level = (hi, lo, state, counts)
+        # an IPv6 socket's mapped peer and an IPv4 socket's peer, or two addresses a prefix
+        # joins, may now be one key: count them as one
+        if self._masked or (~v4 & _mapped(hi, lo)).any():
+            level = _merge([level])
+        self._counted.append(level)
         while len(self._counted) > 1 and \
                 len(self._counted[-2][3]) <= 2 * len(self._counted[-1][3]):
             self._counted[-2:] = [_merge(self._counted[-2:])]
@@ -533,18 +547,21 @@ class RemoteAccumulator:
 
     def _by_port(self, listening: list[int]) -> np.ndarray:
         """Connected sockets per (state, listening port): [state, position in `listening`],
-        by one gather through a port -> position table and a small bincount."""
-        if not self._port or not listening:
-            return np.zeros((STATE_SLOTS, len(listening)), dtype=np.int64)
-        # port -> its position; one more takes every other port (a small table gathers
-        # fast: 64 KiB for fewer than 255 listening ports)
-        narrow = np.uint8 if len(listening) < 255 else np.int32
-        column = np.full(1 << 16, len(listening), dtype=narrow)
-        column[listening] = np.arange(len(listening))
-        keys = column[np.concatenate(self._port)].astype(np.intp)
-        keys *= STATE_SLOTS
-        keys += np.concatenate(self._port_state)
-        counted = np.bincount(keys, minlength=(len(listening) + 1) * STATE_SLOTS)
+        by a gather through a port -> position table and a small bincount per batch (batch
+        by batch: at 1M sockets one pass over all would need 20 MB of temporaries)."""
+        slots = (len(listening) + 1) * STATE_SLOTS
+        counted = np.zeros(slots, dtype=np.int64)
+        if listening:
+            # port -> its position; one more takes every other port (a small table gathers
+            # fast: 64 KiB for fewer than 255 listening ports)
+            narrow = np.uint8 if len(listening) < 255 else np.int32
+            column = np.full(1 << 16, len(listening), dtype=narrow)
+            column[listening] = np.arange(len(listening))
+            for port, state in zip(self._port, self._port_state):
+                keys = column[port].astype(np.intp)
+                keys *= STATE_SLOTS
+                keys += state
+                counted += np.bincount(keys, minlength=slots)
         return counted.reshape(-1, STATE_SLOTS)[:-1].T
 
     def _client_time_wait(self, listening: list[int], incumbents: frozenset):

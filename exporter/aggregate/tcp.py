@@ -61,7 +61,8 @@ class TcpAccumulator:
         self._counts += counts
         for col, queue in enumerate((table.recv_q, table.send_q)):
             self._queues[:, col] += sum_by(key, queue, STATE_SLOTS * 2).reshape(-1, 2).sum(1)
-        self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
+        if counts[TcpState.LISTEN].any():
+            self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
         if self._remote is not None:
             self._remote.add(table, counts)
         if self._programs is not None:
