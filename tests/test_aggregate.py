@@ -413,18 +413,47 @@ def test_min_connections_keeps_a_random_source_flood_in_other():
 
 @settings(max_examples=100, deadline=None)
 @given(rows=st.lists(st.tuples(st.sampled_from(STATES), PEERS, st.just(443)), max_size=60),
-       chunk=st.integers(1, 20), batches=st.integers(1, 6))
-def test_counting_in_chunks_changes_nothing(rows, chunk, batches):
-    """A long dump is counted every _CHUNK_ROWS rows and the chunks merged at the end."""
+       bits=st.sampled_from([1, 2, 3, 10]), batches=st.integers(1, 6))
+def test_counting_over_batches_and_tiny_tables_changes_nothing(rows, bits, batches):
+    """Batches are looked up in one hash map as they come; tables of 2-8 slots make keys
+    collide, go round after round, and the map grow and rebuild."""
     from exporter.aggregate import remotes
-    saved, remotes._CHUNK_ROWS = remotes._CHUNK_ROWS, chunk
+    saved, remotes._MIN_TABLE_BITS = remotes._MIN_TABLE_BITS, bits
     try:
         counts = summarize(rows, batches=batches, prefix_v6=64).remote.counts
     finally:
-        remotes._CHUNK_ROWS = saved
+        remotes._MIN_TABLE_BITS = saved
     expected = reference_counts(rows, prefix_v6=64)
     for state in REMOTE_STATES:
         assert counts.top((state,), 1 << 40) == ranked(expected[state])
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5),
+                                           st.integers(0, 2), st.integers(0, 4)),
+                                 max_size=40), max_size=6),
+       bits=st.sampled_from([1, 2, 10]), expected=st.sampled_from([None, 1, 10_000]),
+       weighted=st.booleans())
+def test_key_counter_is_exact(batches, bits, expected, weighted):
+    from exporter.aggregate import remotes
+    reference = collections.Counter()
+    saved, remotes._MIN_TABLE_BITS = remotes._MIN_TABLE_BITS, bits
+    try:
+        counter = remotes.KeyCounter(expected)
+        for batch in batches:
+            hi = np.array([h for h, _l, _t, _w in batch], dtype=np.uint64) << np.uint64(60)
+            lo = np.array([lo for _h, lo, _t, _w in batch], dtype=np.uint64)
+            tag = np.array([t for _h, _l, t, _w in batch], dtype=np.uint8)
+            weights = np.array([w for *_k, w in batch], dtype=np.int64) if weighted else None
+            counter.add(hi, lo, tag, weights)
+            for h, lo_, t, w in batch:
+                reference[(h << 60, lo_, t)] += w if weighted else 1
+    finally:
+        remotes._MIN_TABLE_BITS = saved
+    hi, lo, tag, count = counter.items()
+    got = {(int(h), int(lo_), int(t)): int(c) for h, lo_, t, c in zip(hi, lo, tag, count)}
+    assert len(got) == len(hi)  # every key once
+    assert got == dict(reference)  # keys whose weights sum to 0 included
 
 
 @pytest.mark.parametrize("listening", [3, 300])  # under and over 255 listening ports

@@ -114,7 +114,8 @@ def _key_masks(options) -> tuple[int, int, int, int]:
 _ROUNDS = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xA0761D6478BD642F),
            (0x8EBC6AF09C88C6E3, 0x589965CC75374CC3), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
 _MAX_ROUNDS = 12
-_CHUNK_ROWS = 1 << 16  # rows counted at a time: a table of 4 slots per row fits in L2
+_LARGE = 1 << 17  # rows
+_MIN_TABLE_BITS = 10  # KeyCounter's smallest table: 1024 slots (tests make it tiny)
 
 
 def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
@@ -134,17 +135,11 @@ def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
 
 
 def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
-               weights: np.ndarray | None = None,
-               expected: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (tag, hi, lo) keys: (index of one row holding each, its count or summed
     weight), in no particular order. Exact: every row is compared with the row that won its
     bucket, in full; rows of other keys go round again with another hash, and the few left
     after _MAX_ROUNDS are sorted.
-
-    expected: about how many distinct keys there are (the last count's), when known. The
-    first round's table is sized for them rather than for every row: 100k sockets of 1k
-    remotes then scatter into a table that stays in L1, not one of 4 MiB. A guess too small
-    only sends more rows to the next round, whose table is sized for the rows left.
 
     Worked example: hi [0, 0, 0], lo [5, 7, 5], tag [1, 1, 1] -> rows [0, 1] (some order),
     counts [2, 1]."""
@@ -153,10 +148,8 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
     for round_ in range(_MAX_ROUNDS):
         if not len(rows):
             break
-        # 4-8 slots per row (or expected key), few collide; 2-4 per row when merging chunks,
-        # to bound the memory
-        keys = len(rows) if round_ or expected is None else min(len(rows), max(expected, 256))
-        slots = (4 if keys <= 2 * _CHUNK_ROWS else 2) * keys
+        # 4-8 slots per row, few collide; 2-4 for large inputs, to bound the memory
+        slots = (4 if len(rows) <= _LARGE else 2) * len(rows)
         bits = max(4, (slots - 1).bit_length())
         bucket = _buckets(hi, lo, tag, round_, bits)
         index = rows if round_ == 0 else np.arange(len(rows))
@@ -192,6 +185,116 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
     if not found:
         return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int64)
     return np.concatenate(found), np.concatenate(counts).astype(np.int64)
+
+
+class KeyCounter:
+    """Counts of distinct (hi, lo, tag) keys over any number of batches: a hash map in numpy
+    arrays, so a batch is counted by looking its rows up (a few vectorised passes) and only
+    keys not seen before are counted among themselves (count_keys) and inserted.
+
+    The keys live in arrays (hi, lo, tag, count) indexed by insertion order; tables[r] maps
+    round r's bucket of a key (_buckets) to its index, -1 when empty. A key sits in the first
+    round whose bucket was free when it was inserted, so every earlier round's bucket holds
+    another key; nothing is ever removed. A lookup therefore goes round by round: a match is
+    found, an empty bucket proves the key is new, another key sends it to the next round.
+    Tables hold at most a quarter as many keys as slots (fewer in later rounds, which get
+    fewer keys); past that they are rebuilt 4x larger.
+
+    Before this, every 64k rows were counted by themselves and the counts merged level by
+    level: with 1M sockets of 100k remotes the merges took as long as the counting.
+    """
+
+    def __init__(self, expected: int | None = None):
+        # round 0's table: 4 slots per expected key
+        self._bits = max(_MIN_TABLE_BITS, (4 * max(expected or 0, 256) - 1).bit_length())
+        self._tables: list[np.ndarray] = []
+        self.size = 0
+        self.hi = np.empty(0, dtype=np.uint64)
+        self.lo = np.empty(0, dtype=np.uint64)
+        self.tag = np.empty(0, dtype=np.uint8)
+        self.count = np.empty(0, dtype=np.int64)
+
+    def _table_bits(self, round_: int) -> int:
+        return max(_MIN_TABLE_BITS, self._bits - 2 * round_)
+
+    def add(self, hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
+            weights: np.ndarray | None = None) -> None:
+        """Count each row once (or by its weight: non-negative integers)."""
+        rows = np.arange(len(hi))
+        new = []
+        for round_, table in enumerate(self._tables):
+            if not len(rows):
+                break
+            h, lo_, t = (hi, lo, tag) if round_ == 0 else (hi[rows], lo[rows], tag[rows])
+            w = weights if weights is None or round_ == 0 else weights[rows]
+            owner = table[_buckets(h, lo_, t, round_, self._table_bits(round_))]
+            # an empty bucket (-1) reads the arrays' last slot, maybe a key, maybe garbage
+            # that looks like one: `taken` masks it
+            taken = owner >= 0
+            hit = taken & (self.hi[owner] == h)
+            hit &= self.lo[owner] == lo_
+            hit &= self.tag[owner] == t
+            if hit.all():  # every row a known key: the usual case once a dump is under way
+                self.count[:self.size] += np.bincount(owner, weights=w, minlength=self.size
+                                                      ).astype(np.int64, copy=False)
+                rows = rows[:0]
+                break
+            self.count[:self.size] += np.bincount(
+                owner[hit], weights=None if w is None else w[hit],
+                minlength=self.size).astype(np.int64, copy=False)
+            new.append(rows[~taken])  # an empty bucket: not in the map
+            rows = rows[taken & ~hit]  # another key's bucket: try the next round
+        new.append(rows)
+        new = np.concatenate(new) if len(new) > 1 else new[0]
+        if len(new):
+            h, lo_, t = hi[new], lo[new], tag[new]
+            w = None if weights is None else weights[new]
+            first, counts = count_keys(h, lo_, t, w)
+            self._insert(h[first], lo_[first], t[first], counts)
+
+    def _insert(self, hi, lo, tag, counts) -> None:
+        """Distinct keys that are not in the map yet."""
+        start, end = self.size, self.size + len(hi)
+        if end > len(self.hi):  # grow the arrays, doubling
+            room = max(2 * len(self.hi), end, 1024)
+            for name in ("hi", "lo", "tag", "count"):
+                old = getattr(self, name)
+                grown = np.empty(room, dtype=old.dtype)
+                grown[:len(old)] = old
+                setattr(self, name, grown)
+        self.hi[start:end], self.lo[start:end], self.tag[start:end] = hi, lo, tag
+        self.count[start:end] = counts
+        self.size = end
+        if 4 * end > 1 << self._bits:  # too full: larger tables, every key placed again
+            self._bits = (4 * 4 * end - 1).bit_length()
+            self._tables = []
+            self._place(np.arange(end))
+        else:
+            self._place(np.arange(start, end))
+
+    def _place(self, keys: np.ndarray) -> None:
+        for round_ in range(_MAX_ROUNDS):
+            if not len(keys):
+                return
+            if round_ == len(self._tables):
+                self._tables.append(np.full(1 << self._table_bits(round_), -1, dtype=np.int32))
+            table = self._tables[round_]
+            bucket = _buckets(self.hi[keys], self.lo[keys], self.tag[keys], round_,
+                              self._table_bits(round_))
+            free = table[bucket] < 0
+            table[bucket[free]] = keys[free]  # keys that share a free bucket: the last wins
+            placed = np.zeros(len(keys), dtype=bool)
+            placed[free] = table[bucket[free]] == keys[free]
+            keys = keys[~placed]
+        if len(keys):  # practically never: rebuild larger, with other buckets for everyone
+            self._bits += 2
+            self._tables = []
+            self._place(np.arange(self.size))
+
+    def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(hi, lo, tag, count) of every key, in insertion order."""
+        n = self.size
+        return self.hi[:n], self.lo[:n], self.tag[:n], self.count[:n]
 
 
 @dataclass(frozen=True, eq=False)
@@ -363,35 +466,20 @@ class RemoteSummary:
     client_time_wait_members: frozenset = frozenset()
 
 
-def _merge(levels) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Counted levels of (hi, lo, state, count) -> one, the same key's counts summed."""
-    hi, lo, state, counts = (np.concatenate(column) for column in zip(*levels))
-    rows, counts = count_keys(hi, lo, state, counts)
-    return hi[rows], lo[rows], state[rows], counts
-
-
 class RemoteAccumulator:
-    """Collects (state, remote) and (state, local port) keys batch by batch; the remote keys
-    are counted every _CHUNK_ROWS rows (count_keys) and the counts merged in result()."""
+    """Counts (state, remote) keys batch by batch (KeyCounter) and collects (state, local
+    port) keys, counted per listening port in result()."""
 
     def __init__(self, options: RemoteOptions = RemoteOptions(), expected: int | None = None):
         """expected: distinct (state, remote) keys the last sample counted, if any (sizes the
         hash tables; see count_keys)."""
         self.options = options
-        self._expected = expected
         self._masks = _key_masks(options)  # (IPv4 lo, IPv6 hi, IPv6 lo) raw masks
         self._masked = options.prefix_v4 < 32 or options.prefix_v6 < 128
         self._networks = ([_network(n) for n in options.include],
                           [_network(n) for n in options.exclude])
-        # keys of the batches not yet counted: the kernel's address words as two uint64 and
-        # a uint8 tag, state * 2 + family index
-        self._hi: list[np.ndarray] = []
-        self._lo: list[np.ndarray] = []
-        self._tag: list[np.ndarray] = []
-        self._pending = 0  # rows in those
-        # every _CHUNK_ROWS rows, the distinct keys so far with their counts: memory follows
-        # the number of distinct remotes, not of sockets (a 1M-socket dump)
-        self._counted: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        # (raw address words as two uint64, tag = state * 2 + family index) -> sockets
+        self._keys = KeyCounter(expected)
         # connected sockets' (state, local port), counted per listening port in result()
         self._port_state: list[np.ndarray] = []
         self._port: list[np.ndarray] = []
@@ -428,13 +516,7 @@ class RemoteAccumulator:
         else:  # most batches hold connected sockets only
             self._port_state.append(np.array(state))  # not a view: it would keep the batch
             self._port.append(np.array(port))
-        hi, lo = _address_words(addr)
-        self._hi.append(hi)
-        self._lo.append(lo)
-        self._tag.append(tag)
-        self._pending += len(tag)
-        if self._pending >= _CHUNK_ROWS:
-            self._count_pending()
+        self._keys.add(*_address_words(addr), tag)
 
     def _filter(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
         """Rows kept by --remote.include / --remote.exclude, tested on the full address. An
@@ -452,20 +534,12 @@ class RemoteAccumulator:
         keep = hits(include) if include else np.ones(len(hi), dtype=bool)
         return keep & ~hits(exclude) if exclude else keep
 
-    def _count_pending(self) -> None:
-        """Count the pending rows' keys into a new level of (hi, lo, state, count) per
-        distinct key. Levels merge like a binary counter (a level at most twice the size of
-        the next is merged with it), so a key is merged O(log) times and the levels together
-        stay within about twice the distinct keys."""
-        hi, lo, tag = (np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-                       for parts, dtype in ((self._hi, np.uint64), (self._lo, np.uint64),
-                                            (self._tag, np.uint8)))
-        self._hi, self._lo, self._tag, self._pending = [], [], [], 0
-        rows, counts = count_keys(hi, lo, tag, expected=self._expected)
-        self._expected = max(self._expected or 0, len(rows))
-        hi, lo, tag = hi[rows], lo[rows], tag[rows]
-        del rows
-        # per distinct key now: the mapped form for IPv4, filters, prefixes
+    def _counts(self) -> RemoteCounts:
+        """Every distinct (state, remote) with its count: the raw keys counted so far, in
+        IPv4-mapped form, filtered and cut to their prefix (per distinct key, not per socket),
+        and counted as one where that made two keys one."""
+        opts = self.options
+        hi, lo, tag, counts = self._keys.items()
         state = tag >> 1
         v4 = (tag & 1) == 0
         lo = np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo)
@@ -474,28 +548,16 @@ class RemoteAccumulator:
             keep = self._filter(hi, lo)
             self._excluded += np.bincount(state[~keep], weights=counts[~keep],
                                           minlength=STATE_SLOTS).astype(np.int64)
-            state, hi, lo, counts = state[keep], hi[keep], lo[keep], counts[keep]
+            state, hi, lo, counts, v4 = state[keep], hi[keep], lo[keep], counts[keep], v4[keep]
         if self._masked:
             mask4_lo, mask6_hi, mask6_lo = (np.uint64(m) for m in self._masks)
             lo = lo & np.where(_mapped(hi, lo), mask4_lo, mask6_lo)
             hi = hi & mask6_hi  # a mapped key's first word is 0 whatever the mask
-        level = (hi, lo, state, counts)
         # an IPv6 socket's mapped peer and an IPv4 socket's peer, or two addresses a prefix
         # joins, may now be one key: count them as one
-        if self._masked or (~v4 & _mapped(hi, lo)).any():
-            level = _merge([level])
-        self._counted.append(level)
-        while len(self._counted) > 1 and \
-                len(self._counted[-2][3]) <= 2 * len(self._counted[-1][3]):
-            self._counted[-2:] = [_merge(self._counted[-2:])]
-
-    def _counts(self) -> RemoteCounts:
-        opts = self.options
-        if self._pending or not self._counted:
-            self._count_pending()
-        if len(self._counted) > 1:
-            self._counted = [_merge(self._counted)]  # the levels go before the copies below
-        hi, lo, state, counts = self._counted[0]
+        if len(counts) and (self._masked or (~v4 & _mapped(hi, lo)).any()):
+            rows, counts = count_keys(hi, lo, state, counts)
+            hi, lo, state = hi[rows], lo[rows], state[rows]
         order = np.argsort(state, kind="stable")  # a radix sort of bytes
         return RemoteCounts(state=state[order], hi=hi[order], lo=lo[order], count=counts[order],
                             prefix_v4=opts.prefix_v4, prefix_v6=opts.prefix_v6)
