@@ -413,16 +413,16 @@ def test_min_connections_keeps_a_random_source_flood_in_other():
 
 @settings(max_examples=100, deadline=None)
 @given(rows=st.lists(st.tuples(st.sampled_from(STATES), PEERS, st.just(443)), max_size=60),
-       bits=st.sampled_from([1, 2, 3, 10]), batches=st.integers(1, 6))
-def test_counting_over_batches_and_tiny_tables_changes_nothing(rows, bits, batches):
-    """Batches are looked up in one hash map as they come; tables of 2-8 slots make keys
+       bits=st.sampled_from([1, 2, 3, 10]), batches=st.integers(1, 6),
+       lookup=st.sampled_from([1, 7, 1 << 17]))
+def test_counting_over_batches_and_tiny_tables_changes_nothing(rows, bits, batches, lookup):
+    """Rows are looked up in one hash map every `lookup` rows; tables of 2-8 slots make keys
     collide, go round after round, and the map grow and rebuild."""
     from exporter.aggregate import remotes
-    saved, remotes._MIN_TABLE_BITS = remotes._MIN_TABLE_BITS, bits
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(remotes, "_MIN_TABLE_BITS", bits)
+        patch.setattr(remotes, "_LOOKUP_ROWS", lookup)
         counts = summarize(rows, batches=batches, prefix_v6=64).remote.counts
-    finally:
-        remotes._MIN_TABLE_BITS = saved
     expected = reference_counts(rows, prefix_v6=64)
     for state in REMOTE_STATES:
         assert counts.top((state,), 1 << 40) == ranked(expected[state])
