@@ -471,3 +471,66 @@ def test_local_port_counts_with_many_listening_ports(listening):
     served = sum(p % 4 for p in range(listening))  # port 60000 is not listening
     assert sum(v for (s, _p), v in remote.local_port.items() if s == "ESTABLISHED") == served
     assert sum(v for (s, _p), v in remote.local_port.items() if s == "TIME_WAIT") == 5
+
+
+@settings(max_examples=60, deadline=None)
+@given(samples=st.lists(st.lists(st.tuples(st.sampled_from(STATES), PEERS, st.just(443)),
+                                 max_size=40), min_size=2, max_size=5),
+       bits=st.sampled_from([1, 10]))
+def test_the_key_map_carried_from_sample_to_sample_changes_nothing(samples, bits):
+    """Each sample takes over the last one's key map (counts back to 0, unseen keys dropped
+    when they outnumber the seen): every sample still counts exactly what it saw."""
+    from exporter.aggregate import remotes
+    previous = None
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(remotes, "_MIN_TABLE_BITS", bits)
+        for rows in samples:
+            summary = summarize(rows, previous=previous, batches=2)
+            expected = reference_counts(rows)
+            for state in REMOTE_STATES:
+                assert summary.remote.counts.top((state,), 1 << 40) == ranked(expected[state])
+            assert all(count > 0 for count in summary.remote.counts.count.tolist())
+            previous = summary
+
+
+def test_two_reads_from_one_previous_sample_never_share_its_key_map():
+    # A read the watchdog gave up on and the read after it both start from the last summary:
+    # one takes its map, the other builds its own, and both count right.
+    rows = [(E, "10.0.0.1", 443)] * 3 + [(E, "2001:db8::1", 443)] * 2
+    first = summarize(rows)
+    stuck = TcpAccumulator(remote=RemoteOptions(), previous=first)
+    after = TcpAccumulator(remote=RemoteOptions(), previous=first)
+    assert stuck._remote._keys is not after._remote._keys
+    more = table([(E, "10.0.0.1", 443)] * 7)
+    stuck.add(more)
+    after.add(table(rows))
+    assert after.result().remote.remote[("ESTABLISHED", "10.0.0.1")] == 3
+    assert stuck.result().remote.remote[("ESTABLISHED", "10.0.0.1")] == 7
+
+
+def test_a_map_mostly_of_keys_gone_is_rebuilt_from_the_keys_seen():
+    from exporter.aggregate import remotes
+    counter = remotes.KeyCounter()
+    keys = np.arange(5000, dtype=np.uint64)
+    counter.add(keys, keys, np.zeros(5000, dtype=np.uint8))
+    counter = counter.reuse()
+    counter.add(keys[:10], keys[:10], np.zeros(10, dtype=np.uint8))
+    kept = counter.reuse()
+    assert kept is not counter and kept.size == 10  # 4990 unseen > max(10, 1024): dropped
+    assert kept.items()[3].tolist() == [0] * 10
+    kept.add(keys[:3], keys[:3], np.zeros(3, dtype=np.uint8))
+    assert kept.items()[3].tolist() == [1, 1, 1] + [0] * 7
+    assert kept.reuse() is kept  # 7 unseen of 10: kept as it is
+
+
+@pytest.mark.parametrize("state", [16, 130, 255])  # 130 << 1 wraps to 4 (SYN_SENT) in a byte
+def test_a_state_the_kernel_never_sends_fails_the_batch_never_counts_as_another(state):
+    rows = table([(E, "10.0.0.1", 443)] * 2)
+    bad = SocketTable(**{c: getattr(rows, c) for c in ("family", "local_addr", "local_port",
+                                                       "remote_addr", "remote_port", "recv_q",
+                                                       "send_q", "inode", "uid")},
+                      state=np.array([1, state], dtype=np.uint8))
+    with pytest.raises(ValueError, match=f"state {state} out of range"):
+        TcpAccumulator(remote=RemoteOptions()).add(bad)
+    with pytest.raises(ValueError, match=f"state {state} out of range"):
+        aggregate.UdpAccumulator().add(bad)

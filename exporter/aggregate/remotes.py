@@ -25,7 +25,7 @@ import numpy as np
 from ..sources.table import NETSTAT_STATES, SocketTable, TcpState
 from .ranking import OTHER, top_n
 from .series import apply_series_limit
-from .states import PORT_STATES, REMOTE_STATES, STATE_SLOTS
+from .states import PORT_STATES, REMOTE_STATES, STATE_SLOTS, count_state_family
 
 EXCLUDED = "excluded"  # addresses left out by --remote.include / --remote.exclude
 _ALL = (1 << 128) - 1
@@ -187,23 +187,19 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
     return np.concatenate(found), np.concatenate(counts).astype(np.int64)
 
 
-# A KeyCounter slot: the whole key and its index, so a lookup reads one cache line, not one
-# per array (the kernel's walk between two batches leaves little of a table in cache).
-_SLOT = np.dtype([("hi", np.uint64), ("lo", np.uint64), ("tag", np.uint32), ("index", np.int32)])
-_EMPTY = 0xFFFFFFFF  # the tag of an empty slot: key tags are uint8
-_LOOKUP_ROWS = 1 << 17  # rows looked up at a time (RemoteAccumulator)
+_LOOKUP_ROWS = 1 << 17
 
 
 class KeyCounter:
     """Counts of distinct (hi, lo, tag) keys over any number of batches: a hash map in numpy
-    arrays, so rows are counted by looking them up (a few vectorised passes) and only keys
-    not seen before are counted among themselves (count_keys) and inserted.
+    arrays, so a batch is counted by looking its rows up (a few vectorised passes) and only
+    keys not seen before are counted among themselves (count_keys) and inserted.
 
-    The keys live in arrays (hi, lo, tag, count) indexed by insertion order; tables[r] holds
-    round r's slots (_SLOT), a key at its round-r bucket (_buckets). A key sits in the first
+    The keys live in arrays (hi, lo, tag, count) indexed by insertion order; tables[r] maps
+    round r's bucket of a key (_buckets) to its index, -1 when empty. A key sits in the first
     round whose bucket was free when it was inserted, so every earlier round's bucket holds
     another key; nothing is ever removed. A lookup therefore goes round by round: a match is
-    found, an empty slot proves the key is new, another key sends it to the next round.
+    found, an empty bucket proves the key is new, another key sends it to the next round.
     Tables hold at most a quarter as many keys as slots (fewer in later rounds, which get
     fewer keys); past that they are rebuilt 4x larger.
 
@@ -234,25 +230,23 @@ class KeyCounter:
                 break
             h, lo_, t = (hi, lo, tag) if round_ == 0 else (hi[rows], lo[rows], tag[rows])
             w = weights if weights is None or round_ == 0 else weights[rows]
-            bucket = _buckets(h, lo_, t, round_, self._table_bits(round_))
-            # gathered as opaque 24-byte elements: one memcpy each, a structured gather is
-            # several times slower
-            slot = table.view(f"V{_SLOT.itemsize}")[bucket].view(_SLOT)
-            hit = slot["hi"] == h
-            hit &= slot["lo"] == lo_
-            hit &= slot["tag"] == t
+            owner = table[_buckets(h, lo_, t, round_, self._table_bits(round_))]
+            # an empty bucket (-1) reads the arrays' last slot, maybe a key, maybe garbage
+            # that looks like one: `taken` masks it
+            taken = owner >= 0
+            hit = taken & (self.hi[owner] == h)
+            hit &= self.lo[owner] == lo_
+            hit &= self.tag[owner] == t
             if hit.all():  # every row a known key: the usual case once a dump is under way
-                self.count[:self.size] += np.bincount(slot["index"], weights=w,
-                                                      minlength=self.size
+                self.count[:self.size] += np.bincount(owner, weights=w, minlength=self.size
                                                       ).astype(np.int64, copy=False)
                 rows = rows[:0]
                 break
             self.count[:self.size] += np.bincount(
-                slot["index"][hit], weights=None if w is None else w[hit],
+                owner[hit], weights=None if w is None else w[hit],
                 minlength=self.size).astype(np.int64, copy=False)
-            empty = slot["tag"] == _EMPTY
-            new.append(rows[empty])  # an empty slot: not in the map
-            rows = rows[~(empty | hit)]  # another key's slot: try the next round
+            new.append(rows[~taken])  # an empty bucket: not in the map
+            rows = rows[taken & ~hit]  # another key's bucket: try the next round
         new.append(rows)
         new = np.concatenate(new) if len(new) > 1 else new[0]
         if len(new):
@@ -275,7 +269,7 @@ class KeyCounter:
         self.count[start:end] = counts
         self.size = end
         if 4 * end > 1 << self._bits:  # too full: larger tables, every key placed again
-            self._bits = (4 * 4 * end - 1).bit_length()
+            self._bits = (4 * 2 * end - 1).bit_length()
             self._tables = []
             self._place(np.arange(end))
         else:
@@ -286,20 +280,14 @@ class KeyCounter:
             if not len(keys):
                 return
             if round_ == len(self._tables):
-                table = np.zeros(1 << self._table_bits(round_), dtype=_SLOT)
-                table["tag"] = _EMPTY
-                self._tables.append(table)
+                self._tables.append(np.full(1 << self._table_bits(round_), -1, dtype=np.int32))
             table = self._tables[round_]
             bucket = _buckets(self.hi[keys], self.lo[keys], self.tag[keys], round_,
                               self._table_bits(round_))
-            free = np.flatnonzero(table["tag"][bucket] == _EMPTY)
-            at, mine = bucket[free], keys[free]
-            table["index"][at] = mine  # keys that share a free bucket: the last wins
+            free = table[bucket] < 0
+            table[bucket[free]] = keys[free]  # keys that share a free bucket: the last wins
             placed = np.zeros(len(keys), dtype=bool)
-            placed[free] = won = table["index"][at] == mine
-            at, mine = at[won], mine[won]
-            table["hi"][at], table["lo"][at], table["tag"][at] = \
-                self.hi[mine], self.lo[mine], self.tag[mine]
+            placed[free] = table[bucket[free]] == keys[free]
             keys = keys[~placed]
         if len(keys):  # practically never: rebuild larger, with other buckets for everyone
             self._bits += 2
@@ -307,9 +295,23 @@ class KeyCounter:
             self._place(np.arange(self.size))
 
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(hi, lo, tag, count) of every key, in insertion order."""
+        """(hi, lo, tag, count) of every key, in insertion order (counts may be 0)."""
         n = self.size
         return self.hi[:n], self.lo[:n], self.tag[:n], self.count[:n]
+
+    def reuse(self) -> "KeyCounter":
+        """This map for the next sample: counts back to 0, the keys kept (most will be seen
+        again, and a lookup costs a fraction of an insert); when more keys went unseen than
+        were seen, only the seen ones are kept, so churn cannot grow it without bound."""
+        n = self.size
+        seen = np.flatnonzero(self.count[:n])
+        if n - len(seen) > max(len(seen), 1024):
+            fresh = KeyCounter(len(seen))
+            fresh._insert(self.hi[seen], self.lo[seen], self.tag[seen],
+                          np.zeros(len(seen), dtype=np.int64))
+            return fresh
+        self.count[:n] = 0
+        return self
 
 
 @dataclass(frozen=True, eq=False)
@@ -479,22 +481,28 @@ class RemoteSummary:
     # destination, which is where ports run out (server-side TIME_WAIT holds none)
     client_time_wait: Mapping[str, int] = field(default_factory=dict)
     client_time_wait_members: frozenset = frozenset()
+    # the key map, for the next sample to take (list.pop: one taker even if a blocked read
+    # and its successor both start from this summary)
+    handoff: list = field(default_factory=list, compare=False, repr=False)
 
 
 class RemoteAccumulator:
     """Counts (state, remote) keys batch by batch (KeyCounter) and collects (state, local
     port) keys, counted per listening port in result()."""
 
-    def __init__(self, options: RemoteOptions = RemoteOptions(), expected: int | None = None):
-        """expected: distinct (state, remote) keys the last sample counted, if any (sizes the
-        hash tables; see count_keys)."""
+    def __init__(self, options: RemoteOptions = RemoteOptions(),
+                 previous: "RemoteSummary | None" = None):
+        """previous: the last sample's summary, whose key map this one takes over."""
         self.options = options
         self._masks = _key_masks(options)  # (IPv4 lo, IPv6 hi, IPv6 lo) raw masks
         self._masked = options.prefix_v4 < 32 or options.prefix_v6 < 128
         self._networks = ([_network(n) for n in options.include],
                           [_network(n) for n in options.exclude])
         # (raw address words as two uint64, tag = state * 2 + family index) -> sockets
-        self._keys = KeyCounter(expected)
+        try:
+            self._keys = previous.handoff.pop().reuse()
+        except (AttributeError, IndexError):  # no previous sample, or its map is taken
+            self._keys = KeyCounter()
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # not looked up
         self._pending_rows = 0
         # connected sockets' (state, local port), counted per listening port in result()
@@ -503,9 +511,11 @@ class RemoteAccumulator:
         self._excluded = np.zeros(STATE_SLOTS, dtype=np.int64)
         self._time_wait: list[tuple[np.ndarray, ...]] = []  # (hi, lo, remote port, local port)
 
-    def add(self, table: SocketTable, counts: np.ndarray | None = None) -> None:
-        """counts: the batch's sockets per [state, family index] when the caller has them
-        (TcpAccumulator does): they tell which passes over the batch can be skipped.
+    def add(self, table: SocketTable, counts: np.ndarray | None = None,
+            key: np.ndarray | None = None) -> None:
+        """counts, key: count_state_family's for this batch when the caller has them
+        (TcpAccumulator does): the counts tell which passes over the batch can be skipped,
+        the key is the tag below.
 
         Rows are kept as the kernel gives them (raw address words, and a tag of state * 2 +
         family index): the IPv4-mapped form, filters and prefixes are applied once per
@@ -513,16 +523,14 @@ class RemoteAccumulator:
         state = table.state
         if not len(state):
             return
-        if counts is None:
-            counts = np.bincount(state.astype(np.intp) * 2 + (table.family == socket.AF_INET6),
-                                 minlength=STATE_SLOTS * 2).reshape(-1, 2)
+        if counts is None or key is None:
+            key, counts = count_state_family(table, "TCP")
         if counts[TcpState.TIME_WAIT].any():
             waiting = np.flatnonzero(state == TcpState.TIME_WAIT)
             tw_hi, tw_lo = _mapped_keys(table.remote_addr[waiting], table.family[waiting])
             self._time_wait.append((tw_hi, tw_lo, table.remote_port[waiting].copy(),
                                     table.local_port[waiting].copy()))
-        tag = state << 1  # uint8: state * 2 + family index
-        tag |= table.family == socket.AF_INET6
+        tag = key  # uint8: state * 2 + family index
         port, addr = table.local_port, table.remote_addr
         if counts[TcpState.LISTEN].any() or counts[TcpState.CLOSE].any():
             connected = state != TcpState.LISTEN
@@ -570,6 +578,9 @@ class RemoteAccumulator:
         opts = self.options
         self._look_up()
         hi, lo, tag, counts = self._keys.items()
+        seen = counts > 0  # keys kept from earlier samples but not seen in this one: 0
+        if not seen.all():
+            hi, lo, tag, counts = hi[seen], lo[seen], tag[seen], counts[seen]
         state = tag >> 1
         v4 = (tag & 1) == 0
         lo = np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo)
@@ -635,7 +646,7 @@ class RemoteAccumulator:
             members=MappingProxyType({n: frozenset(k for k, _ in c) for n, c in chosen.items()}),
             port_members=frozenset(shown_ports), truncated=MappingProxyType(truncated),
             counts=counts, client_time_wait=MappingProxyType(client),
-            client_time_wait_members=client_members)
+            client_time_wait_members=client_members, handoff=[self._keys])
 
     def _by_port(self, listening: list[int]) -> np.ndarray:
         """Connected sockets per (state, listening port): [state, position in `listening`],

@@ -24,14 +24,14 @@ PORT_STATES = tuple(s for s in NETSTAT_STATES if s != TcpState.LISTEN)
 
 def count_state_family(table: SocketTable, protocol: str):
     """One batch's (key, counts): key is state * 2 + family index (0 IPv4, 1 IPv6) per row,
-    counts[state, family index] the sockets per pair."""
-    key = table.state.astype(np.intp)
-    key <<= 1
+    uint8, counts[state, family index] the sockets per pair."""
+    state = table.state
+    highest = int(state.max())
+    if highest >= STATE_SLOTS:  # checked first: the uint8 key below would wrap
+        raise ValueError(f"{protocol} state {highest} out of range")
+    key = state << 1
     key |= table.family == socket.AF_INET6
-    counts = np.bincount(key, minlength=STATE_SLOTS * 2)
-    if len(counts) > STATE_SLOTS * 2:  # bincount is as long as the largest key needs
-        raise ValueError(f"{protocol} state {(len(counts) - 1) >> 1} out of range")
-    return key, counts.reshape(STATE_SLOTS, 2)
+    return key, np.bincount(key, minlength=STATE_SLOTS * 2).reshape(STATE_SLOTS, 2)
 
 
 def sum_by(keys: np.ndarray, values: np.ndarray, slots: int) -> np.ndarray:

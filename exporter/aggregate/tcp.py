@@ -42,9 +42,8 @@ class TcpAccumulator:
         self.listen_limit = listen_limit
         self.backlog_known = backlog_known
         self._previous = previous.remote if previous is not None else None
-        self._remote = RemoteAccumulator(
-            remote, len(self._previous.counts) if self._previous is not None else None
-        ) if remote is not None else None
+        self._remote = RemoteAccumulator(remote, self._previous) \
+            if remote is not None else None
         self._programs = ProgramAccumulator(owners, program_top) if owners is not None else None
         self._previous_programs = previous.programs if previous is not None else None
         self._incumbents = previous.listener_keys if previous is not None else frozenset()
@@ -64,7 +63,7 @@ class TcpAccumulator:
         if counts[TcpState.LISTEN].any():
             self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
         if self._remote is not None:
-            self._remote.add(table, counts)
+            self._remote.add(table, counts, key)
         if self._programs is not None:
             self._programs.add(table)
 
