@@ -14,15 +14,13 @@ import json
 import os
 import resource
 import socket
-import struct
 import sys
 import time
 
+from bench import dualmeasure
 from exporter.aggregate import RemoteOptions
 from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
-from exporter.sources import sockdiag
-from exporter.sources.table import ALL_STATES_MASK
 from prometheus_client import generate_latest
 
 # The same three requests a sample makes: TCP both families in one walk, UDP per family.
@@ -30,31 +28,9 @@ REQUESTS = ((socket.IPPROTO_TCP, socket.AF_UNSPEC), (socket.IPPROTO_UDP, socket.
             (socket.IPPROTO_UDP, socket.AF_INET6))
 
 
-def _ends(view, n: int, seq: int) -> bool:
-    """Does this datagram end the dump (NLMSG_DONE of ours at its tail)? Our own few lines,
-    not the tree's, so every tree under test is held to the same floor."""
-    if n < 20:
-        return False
-    length, kind, _flags, got, _pid = struct.unpack_from("=IHHII", view, n - 20)
-    return length == 20 and kind == 3 and got == seq
-
-
 def floor() -> int:
-    """The dumps with no decoding at all: receive until NLMSG_DONE. Returns bytes read."""
-    total = 0
-    buf = bytearray(1 << 16)
-    view = memoryview(buf)
-    for protocol, family in REQUESTS:
-        with sockdiag.open_socket() as sock:
-            seq = 77
-            _type, request = sockdiag.build_request(protocol, family, ALL_STATES_MASK, seq)
-            sock.send(request)
-            while True:
-                n = sock.recv_into(view)
-                total += n
-                if _ends(view, n, seq):
-                    break
-    return total
+    """The dumps with no decoding at all (bench/dualmeasure.py's floor)."""
+    return dualmeasure.floor(REQUESTS)
 
 
 def main() -> None:

@@ -217,3 +217,15 @@ def test_done_flagged_interrupted_after_plain_messages_asks_for_a_retry():
         + struct.pack("=i", 0)
     with pytest.raises(sockdiag.DumpInterrupted):
         sockdiag.decode(data, SEQ, sockdiag.TCPDIAG_GETSOCK)
+
+
+def test_a_dump_the_kernel_never_answers_times_out_instead_of_hanging():
+    # A message without NLM_F_REQUEST is dropped by the kernel without a word: the receive
+    # must give up after the socket's timeout (SO_RCVTIMEO), with an error saying so.
+    import time
+    with sockdiag.open_socket(timeout=0.3) as sock:
+        silent = sockdiag.NLMSGHDR.pack(16, sockdiag.NLMSG_DONE, 0, SEQ, 0)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="stopped answering"):
+            list(sockdiag.receive(sock, silent, SEQ, None, "sock_diag"))
+        assert 0.25 < time.monotonic() - started < 3

@@ -3,12 +3,14 @@ prefixes, include/exclude lists and masking decide what a label is; ranking and 
 limit decide which labels are shown.
 
 Every remote address, IPv4 or IPv6, is one 128-bit key held as two uint64 words in the
-kernel's byte order (no byteswap per socket): an IPv4 peer takes its IPv4-mapped form
-(::ffff:a.b.c.d), so IPv4, mapped IPv4 and IPv6 peers cost the same. Keys are counted by a
-vectorised hash table whose every bucket is checked against the full key (exact; rows that
-lose a bucket to another key go round again with another hash), so a sample does no sort
-over all sockets and no `np.unique(axis=0)`. Only the few addresses that make a top-N become
-Python objects.
+kernel's byte order (no byteswap per socket), so both families cost the same. Sockets are
+counted by (address words, state and family) as the kernel gives them, in a hash map kept in
+numpy arrays (KeyCounter) whose every lookup compares the full key (exact); the map is handed
+from one sample to the next, so a sample mostly looks keys up rather than inserting them.
+Only the distinct keys then take their IPv4-mapped form (::ffff:a.b.c.d, so an IPv6
+socket's mapped peer and an IPv4 socket's peer are one remote), filters and prefixes. No
+sort over all sockets, no `np.unique(axis=0)`; only the few addresses that make a top-N
+become Python objects.
 """
 from __future__ import annotations
 

@@ -68,10 +68,7 @@ def build_request(seq: int, family: int = socket.AF_UNSPEC) -> bytes:
 def dump(buffer: bytearray | None = None, timeout: float = 10.0) -> Iterator[FlowTable]:
     """Every entry of this network namespace's conntrack table, batch by batch. Needs
     CAP_NET_ADMIN: without it the kernel answers EPERM."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                       NETLINK_NETFILTER) as sock:
-        sock.settimeout(timeout)
-        sock.bind((0, 0))
+    with sockdiag.open_socket(timeout, NETLINK_NETFILTER) as sock:
         seq = int.from_bytes(os.urandom(4), "little") or 1
         for batch in sockdiag.receive(sock, build_request(seq), seq, buffer, "ctnetlink"):
             table = decode(batch, seq)
