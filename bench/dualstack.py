@@ -12,8 +12,9 @@ net.ipv6.ip_nonlocal_bind lets clients bind any of its addresses. Server ends se
 REMOTES peers; client ends all see 127.0.0.1 or ::1.
 
 Then, for each tree (a copy of the source tree, e.g. `git archive`), inside the namespace:
-- bench/dualmeasure.py: the floor and the default sample alternating in one process (medians;
-  ratios to the floor of the same process);
+- bench/dualmeasure.py: the floor and the default sample alternating in one process (medians
+  in ms; ratios: the median of each repetition's own ratio to the floor measured just before
+  it, so drift between repetitions cancels out);
 - `python -m exporter` with default flags, its own
   netstat_exporter_collector_duration_seconds{collector="tcp"} over --exporter-samples
   samples (median), beside the one-walk TCP floor of the in-process run, and its VmHWM.
@@ -131,7 +132,12 @@ def measure_case(size, remotes, mix, trees, reps, samples):
             med = statistics.median
             row["sockets"] = timing["sockets"]
             row["distinct"] = timing["distinct"]
+            def paired(part, base):  # the median of each repetition's own ratio: drift
+                # between repetitions (other tenants of the machine) cancels out
+                return med(a / b for a, b in zip(timing[part], timing[base]))
             row["trees"][name] = {
+                "tcp_ratio": paired("tcp", "tcp_floor"), "sample_ratio": paired("sample", "floor"),
+                "plain_ratio": paired("tcp_plain", "tcp_floor"),
                 "tcp_floor": med(timing["tcp_floor"]), "floor": med(timing["floor"]),
                 "sample": med(timing["sample"]), "tcp": med(timing["tcp"]),
                 "tcp_plain": med(timing["tcp_plain"]), "rss_mb": rss,
@@ -157,12 +163,11 @@ def table(rows, names):
         cells = [f"{r['sockets']:,}", f"{r['mix']}%", f"{r['distinct']:,}"]
         for name in names:
             t = r["trees"][name]
-            cells += [f"{t['sample'] * 1e3:.1f} / {t['floor'] * 1e3:.1f} ms = {t['sample'] / t['floor']:.2f}",
-                      f"{t['tcp'] * 1e3:.1f} / {t['tcp_floor'] * 1e3:.1f} ms = {t['tcp'] / t['tcp_floor']:.2f}",
+            cells += [f"{t['sample'] * 1e3:.1f} / {t['floor'] * 1e3:.1f} ms: {t['sample_ratio']:.2f}",
+                      f"{t['tcp'] * 1e3:.1f} / {t['tcp_floor'] * 1e3:.1f} ms: {t['tcp_ratio']:.2f}",
                       f"{t['exporter_tcp'] * 1e3:.1f} ms = {t['exporter_tcp'] / t['tcp_floor']:.2f}",
                       f"{t['rss_mb']:.0f} / {t['exporter_rss_mb']:.0f} MB"]
-        cells += [" ; ".join(f"{r['trees'][n]['tcp_plain'] / r['trees'][n]['tcp_floor']:.2f}"
-                             for n in names)]
+        cells += [" ; ".join(f"{r['trees'][n]['plain_ratio']:.2f}" for n in names)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

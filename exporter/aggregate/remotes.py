@@ -189,7 +189,7 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
     return np.concatenate(found), np.concatenate(counts).astype(np.int64)
 
 
-_LOOKUP_ROWS = 1 << 17
+_LOOKUP_ROWS = 1 << 17  # rows RemoteAccumulator looks up at a time
 
 
 class KeyCounter:
@@ -202,8 +202,8 @@ class KeyCounter:
     round whose bucket was free when it was inserted, so every earlier round's bucket holds
     another key; nothing is ever removed. A lookup therefore goes round by round: a match is
     found, an empty bucket proves the key is new, another key sends it to the next round.
-    Tables hold at most a quarter as many keys as slots (fewer in later rounds, which get
-    fewer keys); past that they are rebuilt 4x larger.
+    Round 0's table holds at most a quarter as many keys as slots (later rounds, which get
+    fewer keys, are smaller); past that every table is rebuilt with 8 slots per key.
 
     Before this, every 64k rows were counted by themselves and the counts merged level by
     level: with 1M sockets of 100k remotes the merges took as long as the counting.
