@@ -55,12 +55,13 @@ def tree_env(tree):
     return {**os.environ, "PYTHONPATH": tree}
 
 
-def in_process(ns, tree, mode, reps):
+def in_process(ns, tree, mode, reps, script="dualmeasure.py"):
     # run_path, not `python FILE`: bench/ on sys.path would shadow the standard library's http
-    script = os.path.join(HERE, "dualmeasure.py")
+    script = os.path.join(HERE, script)
+    args = (mode, str(reps)) if mode else (str(reps),)
     done = in_ns(ns, sys.executable, "-c", "import runpy, sys; sys.argv[0] = sys.argv[1]; "
                  "del sys.argv[1]; runpy.run_path(sys.argv[0], run_name='__main__')",
-                 script, mode, str(reps), env=tree_env(tree), cwd=tree)
+                 script, *args, env=tree_env(tree), cwd=tree)
     return json.loads(done.stdout)
 
 
@@ -118,7 +119,7 @@ def build(ns, size, remotes, mix):
     return farm
 
 
-def measure_case(size, remotes, mix, trees, reps, samples):
+def measure_case(size, remotes, mix, trees, reps, samples, parts=False):
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     farm = None
@@ -143,6 +144,14 @@ def measure_case(size, remotes, mix, trees, reps, samples):
                 "tcp_plain": med(timing["tcp_plain"]), "rss_mb": rss,
                 "exporter_tcp": med(durations), "exporter_runs": durations,
                 "exporter_rss_mb": hwm}
+            if parts:
+                split = in_process(ns, tree, None, reps, "dualparts.py")
+                row["trees"][name]["parts"] = {
+                    part: med(values) for part, values in split.items()}
+                row["trees"][name]["parts"]["ratio"] = med(
+                    (r + d + a + res) / f for r, d, a, res, f in zip(
+                        split["receive"], split["decode"], split["add"], split["result"],
+                        split["floor"]))
             print(json.dumps({"case": [size, remotes, mix], "tree": name,
                               **row["trees"][name]}), file=sys.stderr, flush=True)
         return row
@@ -172,6 +181,23 @@ def table(rows, names):
     return "\n".join(lines)
 
 
+def parts_table(rows, names):
+    head = ["sockets", "IPv6", "distinct (state, remote)"]
+    for name in names:
+        head += [f"{name}: floor / receive / decode / add / result (ms)",
+                 f"{name}: read / floor", f"{name}: page faults per read"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    for r in rows:
+        cells = [f"{r['sockets']:,}", f"{r['mix']}%", f"{r['distinct']:,}"]
+        for name in names:
+            p = r["trees"][name]["parts"]
+            cells += [" / ".join(f"{p[k] * 1e3:.1f}" for k in
+                                 ("floor", "receive", "decode", "add", "result")),
+                      f"{p['ratio']:.2f}", f"{p['faults']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--cases", default="100000:1000,100000:50000,200000:1000,200000:100000")
@@ -180,6 +206,8 @@ def main():
                         help="NAME=PATH,...: source trees of the exporter to measure")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--exporter-samples", type=int, default=5)
+    parser.add_argument("--parts", action="store_true",
+                        help="also time a read part by part (bench/dualparts.py)")
     args = parser.parse_args()
     trees = [tuple(t.split("=", 1)) for t in args.trees.split(",")]
     rows = []
@@ -187,8 +215,11 @@ def main():
         size, remotes = (int(x) for x in case.split(":"))
         for mix in (int(m) for m in args.mixes.split(",")):
             rows.append(measure_case(size, remotes, mix, trees, args.reps,
-                                     args.exporter_samples))
+                                     args.exporter_samples, args.parts))
     print(table(rows, [name for name, _ in trees]))
+    if args.parts:
+        print()
+        print(parts_table(rows, [name for name, _ in trees]))
 
 
 if __name__ == "__main__":
