@@ -116,7 +116,7 @@ def _key_masks(options) -> tuple[int, int, int, int]:
 _ROUNDS = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xA0761D6478BD642F),
            (0x8EBC6AF09C88C6E3, 0x589965CC75374CC3), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
 _MAX_ROUNDS = 12
-_LARGE = 1 << 17  # rows
+_LARGE = 1 << 17  # count_keys gives larger inputs 2-4 slots per row, not 4-8 (memory)
 _MIN_TABLE_BITS = 10  # KeyCounter's smallest table: 1024 slots (tests make it tiny)
 
 
