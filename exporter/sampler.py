@@ -110,6 +110,7 @@ class Sampler:
         self.fast_buffer = bytearray(FAST_BUFFER_BYTES)
         self._fast_duration: float | None = None
         self._fast_thread: threading.Thread | None = None
+        self._sampling = threading.Event()  # set while sample() runs
         # the watchdog: a read not back within `budget` seconds is reported failed, and the
         # view is skipped until that read returns; other views and shutdown never wait on it
         self.budget = budget if budget is not None else max(10.0, 2 * interval)
@@ -155,6 +156,13 @@ class Sampler:
         return self._snapshot
 
     def sample(self) -> Snapshot:
+        self._sampling.set()
+        try:
+            return self._sample()
+        finally:
+            self._sampling.clear()
+
+    def _sample(self) -> Snapshot:
         started = self._clock()
         results = {}
         self.current = {}
@@ -242,6 +250,10 @@ class Sampler:
         lanes = [view for view in self.views if view.fast is not None]
         failing: set[str] = set()
         while not self._stop.wait(self.fast_interval):
+            # a sample under way reads every state exactly and feeds the peaks itself; a lane
+            # dump beside it would walk the same table again and compete for the same CPU
+            if self._sampling.is_set():
+                continue
             started = self._clock()
             counts: dict[str, int] = {}
             for view in lanes:

@@ -7,6 +7,7 @@ import platform
 import logging
 import socket
 import threading
+import time
 
 import pytest
 
@@ -294,3 +295,37 @@ def test_a_read_that_never_returns_is_reported_and_blocks_nothing(caplog):
     assert health.status == 503 and health.body.startswith(b"blocked: snmp")
     assert sampler.snapshot.results["snmp"].ok and pages.health().status == 200
     assert any("returned after blocking" in r.getMessage() for r in caplog.records)
+
+
+def test_the_fast_lane_waits_while_a_sample_reads_every_state():
+    # While a sample is under way (its read held here) the lane does not dump: the sample
+    # reads every state exactly and feeds the peaks; once it is done the lane goes on.
+    release, reading = threading.Event(), threading.Event()
+    lanes, calls = [], []
+
+    def slow_read(_ctx):
+        calls.append(1)
+        if len(calls) > 1:  # the first sample (start() takes it) is quick
+            reading.set()
+            release.wait(10)
+        return {}
+    held = dataclasses.replace(BY_NAME["snmp"], read=slow_read)
+    lane = dataclasses.replace(BY_NAME["sockstat"], fast=lambda _ctx: lanes.append(1) or {})
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), views=(held, lane),
+                      interval=3600, fast_interval=0.02, budget=20)
+    sampler.start()
+    sampling = threading.Thread(target=sampler.sample_once)
+    try:
+        wait_for(lambda: len(lanes) >= 3, timeout=5, what="the lane to run")
+        sampling.start()
+        assert reading.wait(5)
+        before = len(lanes)
+        time.sleep(0.3)  # some fifteen ticks
+        during = len(lanes) - before
+        release.set()
+        sampling.join(5)
+        wait_for(lambda: len(lanes) >= before + during + 3, timeout=5, what="the lane again")
+    finally:
+        release.set()
+        sampler.stop(timeout=5)
+    assert during <= 1  # a tick already under way when the sample began may finish
