@@ -465,5 +465,10 @@ def test_one_failed_scrape_neither_delays_nor_restarts(stack_factory):
     # `for:` is 15 s: firing 15 s after it went pending (plus the polling and one evaluation),
     # where the old rules restarted the timer at the failed scrape
     assert fired - timeline.pending["NetstatListenBacklogFull"] <= 15 + 3, timeline.pending
-    assert not timeline.resolved, timeline.resolved
-    assert "NetstatExporterDown" not in timeline.pending
+    # A failed scrape makes NetstatExporterDown pending if a rule evaluation falls while up is
+    # 0, and the poll after the scrape recovers may still see it (pending again at the second
+    # failure: "restarted"); what must hold is that it never fires (for: 5m) and that the
+    # backlog alert neither resolves nor restarts.
+    assert not [r for r in timeline.resolved if not r.startswith("NetstatExporterDown ")], \
+        timeline.resolved
+    assert "NetstatExporterDown" not in timeline.firing
