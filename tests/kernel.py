@@ -127,40 +127,46 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
         time.sleep(0.05)
 
 
+def _read_until(stream, done, timeout: float, what: str):
+    """Read `stream` line by line in a thread until done(line) says stop; wait at most
+    `timeout` seconds for that. Lines go through the stream's own buffer: select() on the
+    pipe would miss a line Python had already read into it along with the one before (seen
+    in CI), and the caller may go on reading the same stream afterwards."""
+    import threading
+    result, finished = [], threading.Event()
+
+    def scan():
+        try:
+            for line in iter(stream.readline, ""):
+                result.append(line)
+                if done(line):
+                    return
+            result.append(None)  # the stream ended first
+        finally:
+            finished.set()
+    threading.Thread(target=scan, daemon=True).start()
+    if not finished.wait(timeout):
+        raise AssertionError(f"timed out waiting for {what}")
+    if result and result[-1] is None:
+        raise AssertionError(f"the process ended before {what}")
+    return result
+
+
 def wait_for_line(proc, text: str, timeout: float = 15.0) -> str:
     """Read the process's stderr until a line holding `text` (the process must be alive)."""
-    import selectors
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stderr, selectors.EVENT_READ)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
-                raise AssertionError(f"timed out waiting for {text!r} on stderr")
-            line = proc.stderr.readline()
-            if not line:
-                raise AssertionError(f"the process ended before printing {text!r}")
-            if text in line:
-                return line
+    return _read_until(proc.stderr, lambda line: text in line, timeout,
+                       f"{text!r} on stderr")[-1]
 
 
 def read_blocks(proc, count: int, timeout: float = 15.0) -> str:
     """Wait until a `snapshot --watch` process has printed `count` blocks ("# <time>" lines)
     and the line after the last one; return what was read."""
-    import selectors
-    seen, deadline, text = 0, time.monotonic() + timeout, ""
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while seen < count:
-            left = deadline - time.monotonic()
-            if left <= 0 or not selector.select(left):
-                raise AssertionError(f"timed out waiting for {count} --watch blocks")
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError("the --watch process ended early")
-            text += line
-            seen += line.startswith("# ")
-    return text
+    seen = [0]
+
+    def enough(line):
+        seen[0] += line.startswith("# ")
+        return seen[0] >= count
+    return "".join(_read_until(proc.stdout, enough, timeout, f"{count} --watch blocks"))
 
 
 def listener(family: int, addr: str, port: int, backlog: int) -> socket.socket:
