@@ -169,9 +169,13 @@ def read_blocks(proc, count: int, timeout: float = 15.0) -> str:
     return "".join(_read_until(proc.stdout, enough, timeout, f"{count} --watch blocks"))
 
 
-def listener(family: int, addr: str, port: int, backlog: int) -> socket.socket:
+def listener(family: int, addr: str, port: int, backlog: int,
+             dual_stack: bool = False) -> socket.socket:
+    """dual_stack: an IPv6 listener that also takes IPv4 clients (as ::ffff:a.b.c.d)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if dual_stack:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     sock.bind((addr, port))
     sock.listen(backlog)
     return sock

@@ -43,10 +43,7 @@ def remotes():
         pin_neighbours(a, "veth-a", list(SYN_RECV))
         with a.entered():
             v4 = listener(socket.AF_INET, "127.0.0.1", 7000, 256)
-            dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            dual.bind(("::", 7001))
-            dual.listen(64)
+            dual = listener(socket.AF_INET6, "::", 7001, 64, dual_stack=True)
             syn_target = listener(socket.AF_INET, A_ADDR, 6000, 1024)
             built.keep += [v4, dual, syn_target]
             for source, count in (("127.0.1.1", 9), ("127.0.1.2", 7), ("127.0.1.3", 5),
@@ -218,10 +215,7 @@ def test_many_ipv6_peers_and_mapped_ones_equal_ss(netns):
     try:
         with netns.entered():
             six = listener(socket.AF_INET6, "::1", 7100, 512)
-            dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            dual.bind(("::", 7101))
-            dual.listen(512)
+            dual = listener(socket.AF_INET6, "::", 7101, 512, dual_stack=True)
             four = listener(socket.AF_INET, "127.0.0.1", 7102, 512)
             keep += [six, dual, four]
             for n in range(1, 41):
