@@ -450,20 +450,12 @@ def _address_words(addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def _mapped_keys(addr: np.ndarray, family: np.ndarray,
-                 all_v4: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(n, 4) remote address words and their families -> new (hi, lo) key arrays, IPv4 in
-    its mapped form. all_v4: True or False when the caller knows every row's family."""
-    hi, lo = _address_words(addr)
-    if all_v4 is None:
-        v4 = family == socket.AF_INET  # the address in bytes 0-3: take its mapped form
-        return (np.where(v4, np.uint64(_MAPPED_HI), hi),
-                np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo))
-    if all_v4:
-        lo = _V4_IN_LO(hi, np.uint64(32))
-        lo |= np.uint64(_MAPPED_LO)
-        return np.full(len(lo), _MAPPED_HI, dtype=np.uint64), lo
-    return np.array(hi), np.array(lo)
+def _as_mapped(hi: np.ndarray, lo: np.ndarray,
+               v4: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw key words -> new (hi, lo) arrays with every `v4` row (an IPv4 address in bytes
+    0-3) in its IPv4-mapped form, ::ffff:a.b.c.d."""
+    return (np.where(v4, np.uint64(_MAPPED_HI), hi),
+            np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo))
 
 
 @dataclass(frozen=True)
@@ -529,7 +521,8 @@ class RemoteAccumulator:
             key, counts = count_state_family(table, "TCP")
         if counts[TcpState.TIME_WAIT].any():
             waiting = np.flatnonzero(state == TcpState.TIME_WAIT)
-            tw_hi, tw_lo = _mapped_keys(table.remote_addr[waiting], table.family[waiting])
+            tw_hi, tw_lo = _as_mapped(*_address_words(table.remote_addr[waiting]),
+                                      table.family[waiting] == socket.AF_INET)
             self._time_wait.append((tw_hi, tw_lo, table.remote_port[waiting].copy(),
                                     table.local_port[waiting].copy()))
         tag = key  # uint8: state * 2 + family index
@@ -585,8 +578,7 @@ class RemoteAccumulator:
             hi, lo, tag, counts = hi[seen], lo[seen], tag[seen], counts[seen]
         state = tag >> 1
         v4 = (tag & 1) == 0
-        lo = np.where(v4, _V4_IN_LO(hi, np.uint64(32)) | np.uint64(_MAPPED_LO), lo)
-        hi = np.where(v4, np.uint64(_MAPPED_HI), hi)
+        hi, lo = _as_mapped(hi, lo, v4)
         if self._networks[0] or self._networks[1]:
             keep = self._filter(hi, lo)
             self._excluded += np.bincount(state[~keep], weights=counts[~keep],
