@@ -51,7 +51,7 @@ TIMEVAL = struct.Struct("@ll")  # struct timeval (tv_sec, tv_usec), for SO_RCVTI
 # Word offsets (uint32 units) of inet_diag_msg fields from the start of the netlink message.
 _W_FAMILY, _W_PORTS, _W_SRC, _W_DST = 4, 5, 6, 10
 _W_IF = 14  # idiag_if, host order
-_W_RQUEUE, _W_WQUEUE, _W_UID, _W_INODE = 18, 19, 20, 21
+_W_RQUEUE, _W_UID = 18, 20  # then idiag_wqueue and idiag_inode
 _MIN_MSG_LEN = NLMSGHDR.size + INET_DIAG_MSG.size  # 88
 _MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: IntFlag arithmetic is slow per datagram
 
@@ -250,10 +250,13 @@ _HEAD_WORDS = _MIN_MSG_LEN // 4
 _HEAD = np.dtype(f"V{_MIN_MSG_LEN}")  # a message's fixed head as one opaque element
 # The columns a SocketTable takes, as (name, byte offset in the message, element type read
 # there): one strided copy each, straight out of the receive buffer.
-_COLUMNS = (("family_state", 16, np.dtype(np.uint16)), ("ports", 20, np.dtype("V4")),
-            ("local_addr", 24, np.dtype("V16")), ("remote_addr", 40, np.dtype("V16")),
-            ("ifindex", 56, np.dtype(np.uint32)), ("queues", 72, np.dtype("V8")),
-            ("uid_inode", 80, np.dtype("V8")))
+_COLUMNS = (("family_state", 4 * _W_FAMILY, np.dtype(np.uint16)),
+            ("ports", 4 * _W_PORTS, np.dtype("V4")),
+            ("local_addr", 4 * _W_SRC, np.dtype("V16")),
+            ("remote_addr", 4 * _W_DST, np.dtype("V16")),
+            ("ifindex", 4 * _W_IF, np.dtype(np.uint32)),
+            ("queues", 4 * _W_RQUEUE, np.dtype("V8")),  # rqueue, wqueue
+            ("uid_inode", 4 * _W_UID, np.dtype("V8")))  # uid, inode
 
 
 def _run_columns(data, words: np.ndarray, seq: int, msg_type: int) -> dict | None:
