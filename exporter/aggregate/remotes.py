@@ -232,23 +232,29 @@ class KeyCounter:
                 break
             h, lo_, t = (hi, lo, tag) if round_ == 0 else (hi[rows], lo[rows], tag[rows])
             w = weights if weights is None or round_ == 0 else weights[rows]
-            owner = table[_buckets(h, lo_, t, round_, self._table_bits(round_))]
+            # intp once: every gather below would convert an int32 index array again
+            owner = table[_buckets(h, lo_, t, round_, self._table_bits(round_))].astype(np.intp)
             # an empty bucket (-1) reads the arrays' last slot, maybe a key, maybe garbage
             # that looks like one: `taken` masks it
             taken = owner >= 0
-            hit = taken & (self.hi[owner] == h)
-            hit &= self.lo[owner] == lo_
-            hit &= self.tag[owner] == t
+            hit = np.take(self.hi, owner) == h
+            hit &= np.take(self.lo, owner) == lo_
+            hit &= np.take(self.tag, owner) == t
+            hit &= taken
             if hit.all():  # every row a known key: the usual case once a dump is under way
                 self.count[:self.size] += np.bincount(owner, weights=w, minlength=self.size
                                                       ).astype(np.int64, copy=False)
                 rows = rows[:0]
                 break
-            self.count[:self.size] += np.bincount(
-                owner[hit], weights=None if w is None else w[hit],
-                minlength=self.size).astype(np.int64, copy=False)
-            new.append(rows[~taken])  # an empty bucket: not in the map
-            rows = rows[taken & ~hit]  # another key's bucket: try the next round
+            # The rows missed are usually few: they are handled by index, and the hits counted
+            # in place, the misses sent to a bin past the end (no copy of the hits).
+            missed = np.flatnonzero(~hit)
+            bucket_owner = owner[missed]
+            owner[missed] = self.size
+            self.count[:self.size] += np.bincount(owner, weights=w, minlength=self.size + 1
+                                                  )[:self.size].astype(np.int64, copy=False)
+            new.append(rows[missed[bucket_owner < 0]])  # an empty bucket: not in the map
+            rows = rows[missed[bucket_owner >= 0]]  # another key's bucket: the next round
         new.append(rows)
         new = np.concatenate(new) if len(new) > 1 else new[0]
         if len(new):
