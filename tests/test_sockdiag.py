@@ -229,3 +229,65 @@ def test_a_dump_the_kernel_never_answers_times_out_instead_of_hanging():
         with pytest.raises(TimeoutError, match="stopped answering"):
             list(sockdiag.receive(sock, silent, SEQ, None, "sock_diag"))
         assert 0.25 < time.monotonic() - started < 3
+
+
+class ScriptedSocket:
+    """Hands out the given datagrams, one per receive, as a netlink socket would (MSG_TRUNC:
+    the real length is returned even when only part of it fit)."""
+
+    def __init__(self, datagrams):
+        self.datagrams = list(datagrams)
+
+    def send(self, _request):
+        pass
+
+    def recv_into(self, view, nbytes, _flags=0):
+        if not self.datagrams:
+            raise BlockingIOError  # what SO_RCVTIMEO running out looks like
+        data = self.datagrams.pop(0)
+        view[:min(nbytes, len(data))] = data[:nbytes]
+        return len(data)
+
+
+# a datagram: data messages (of a few lengths, some with attributes), then maybe the end
+DATAGRAM = st.lists(st.sampled_from([message(), message(attrs=b"\x08\x00\x08\x00\x01\x00\x00\x00"),
+                                     message(family=socket.AF_INET6, src="::1", dst="::2")]),
+                    min_size=0, max_size=30).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(datagrams=st.lists(DATAGRAM, min_size=1, max_size=12),
+       end=st.sampled_from(["appended", "alone", "error", "garbage", "none"]),
+       room=st.sampled_from([2, 3, 5]))
+def test_receive_hands_over_every_datagram_up_to_the_end_and_nothing_after(datagrams, end,
+                                                                         room):
+    """The receive loop looks closely only at datagrams that may start with an error or end
+    the dump; whatever the datagrams, what it hands over is exactly what came, in order, up
+    to NLMSG_DONE; an error fails; a dump that never ends times out."""
+    datagrams = [d for d in datagrams if d] or [message()]
+    if end == "appended":
+        datagrams[-1] += done()
+    elif end == "alone":
+        datagrams.append(done())
+    elif end == "error":
+        datagrams.append(sockdiag.NLMSGHDR.pack(36, sockdiag.NLMSG_ERROR, 0, SEQ, 0)
+                         + struct.pack("=i", -13) + b"\0" * 16)
+    elif end == "garbage":  # a short datagram
+        datagrams.append(b"\x03\x00\x00\x00\x03\x00\x02\x00")
+    # never read: the dump has ended (or failed) before them
+    after = [] if end == "none" else [message(), done()]
+    sock = ScriptedSocket(datagrams + after)
+    buffer = bytearray(room * sockdiag._DATAGRAM_ROOM)
+    got = []
+    try:
+        for batch in sockdiag.receive(sock, b"", SEQ, buffer, "sock_diag"):
+            assert 0 < len(batch) <= len(buffer)
+            got.append(bytes(batch))
+    except OSError as exc:
+        assert end in ("error", "garbage", "none")
+        assert isinstance(exc, {"error": PermissionError, "garbage": sockdiag.DumpError,
+                                "none": TimeoutError}[end])
+        return
+    assert end in ("appended", "alone")
+    assert b"".join(got) == b"".join(datagrams)
+    assert sock.datagrams == after
