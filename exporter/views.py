@@ -60,16 +60,18 @@ def read_tcp(reader: SocketReader, listen_limit: int,
              remote: aggregate.RemoteOptions | None = None,
              previous: aggregate.TcpSummary | None = None, owners=None,
              program_top: int = 20) -> aggregate.TcpSummary:
+    # lean unless -p: only the programs view reads every socket's inode
     return _read_sockets(reader, "tcp", lambda: aggregate.TcpAccumulator(
         listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink",
-        remote=remote, previous=previous, owners=owners, program_top=program_top))
+        remote=remote, previous=previous, owners=owners, program_top=program_top),
+        lean=owners is None)
 
 
 def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
-    return _read_sockets(reader, "udp", aggregate.UdpAccumulator)
+    return _read_sockets(reader, "udp", aggregate.UdpAccumulator, lean=True)
 
 
-def _read_sockets(reader: SocketReader, protocol: str, new_accumulator):
+def _read_sockets(reader: SocketReader, protocol: str, new_accumulator, lean: bool):
     # A dump is aggregated batch by batch; if it has to start over (interrupted, or netlink
     # refused and we fall back to /proc), the partial sums are thrown away with it.
     reader.retry_netlink(protocol)
@@ -77,7 +79,7 @@ def _read_sockets(reader: SocketReader, protocol: str, new_accumulator):
     for _attempt in range(3):
         acc = new_accumulator()
         try:
-            for table in reader.tables(protocol, buffer):
+            for table in reader.tables(protocol, buffer, lean):
                 acc.add(table)
             reader.netlink_works(protocol)
             return acc.result()
