@@ -119,7 +119,7 @@ def _tcp_fast(ctx) -> dict[str, int] | None:
     try:
         for table in sockdiag.dump(socket.IPPROTO_TCP, socket.AF_UNSPEC,
                                    states=sum(1 << s for s in FAST_STATES),
-                                   buffer=ctx.fast_buffer):
+                                   buffer=ctx.fast_buffer, lean=True):
             counts += np.bincount(table.state, minlength=256)
     except sockdiag.DumpInterrupted:
         return None  # the next tick tries again
@@ -285,7 +285,7 @@ def _namespaces(ctx) -> aggregate.NetnsSummary:
         for _attempt in range(3):  # an interrupted dump is read again, as the host's is
             try:
                 return aggregate.summarize_tcp(
-                    sockdiag.dump(socket.IPPROTO_TCP, buffer=buffer)).state_totals()
+                    sockdiag.dump(socket.IPPROTO_TCP, buffer=buffer, lean=True)).state_totals()
             except sockdiag.DumpInterrupted:
                 continue
         raise sockdiag.DumpInterrupted(errno.EINTR, "TCP dump interrupted three times")
