@@ -312,7 +312,7 @@ class KeyCounter:
         again, and a lookup costs a fraction of an insert); when more keys went unseen than
         were seen, only the seen ones are kept, so churn cannot grow it without bound."""
         n = self.size
-        seen = np.flatnonzero(self.count[:n])
+        seen = np.flatnonzero(self.count[:n] != 0)
         if n - len(seen) > max(len(seen), 1024):
             fresh = KeyCounter(len(seen))
             fresh._insert(self.hi[seen], self.lo[seen], self.tag[seen],

@@ -38,7 +38,9 @@ def sum_by(keys: np.ndarray, values: np.ndarray, slots: int) -> np.ndarray:
     """Exact per-key sums of uint32 values. Most sockets' queues are empty, so where most
     values are 0 only the others are summed. bincount sums in float64, which is exact only
     while a sum stays below 2**53, so no more than 2**21 values go into one call."""
-    busy = np.flatnonzero(values)
+    # through a boolean mask: flatnonzero of the values themselves took 30 us for 16k mostly
+    # zero queues, of the mask 4 us
+    busy = np.flatnonzero(values != 0)
     if len(busy) < len(values) // 2:
         keys, values = keys[busy], values[busy]
     out = np.zeros(slots, dtype=np.int64)
