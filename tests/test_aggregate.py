@@ -456,7 +456,7 @@ def test_key_counter_is_exact(batches, bits, expected, weighted):
     assert got == dict(reference)  # keys whose weights sum to 0 included
 
 
-@pytest.mark.parametrize("listening", [3, 300])  # under and over 255 listening ports
+@pytest.mark.parametrize("listening", [3, 300, 5000])  # position tables of 16 and 32 bits
 def test_local_port_counts_with_many_listening_ports(listening):
     rows = [(TcpState.LISTEN, "0.0.0.0", 1000 + p) for p in range(listening)]
     rows += [(E, "10.0.0.1", 1000 + p) for p in range(listening) for _ in range(p % 4)]
@@ -534,3 +534,14 @@ def test_a_state_the_kernel_never_sends_fails_the_batch_never_counts_as_another(
         TcpAccumulator(remote=RemoteOptions()).add(bad)
     with pytest.raises(ValueError, match=f"state {state} out of range"):
         aggregate.UdpAccumulator().add(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(keys=st.lists(st.integers(0, 40), max_size=300), common=st.integers(0, 40),
+       share=st.integers(0, 100))
+def test_count_small_is_bincount(keys, common, share):
+    # any mix, from every row one key to none of them the sampled commonest
+    from exporter.aggregate.states import count_small
+    keys = np.array([common if i % 100 < share else k for i, k in enumerate(keys)],
+                    dtype=np.uint8)
+    assert count_small(keys, 41).tolist() == np.bincount(keys, minlength=41).tolist()

@@ -27,7 +27,7 @@ import numpy as np
 from ..sources.table import NETSTAT_STATES, SocketTable, TcpState
 from .ranking import OTHER, top_n
 from .series import apply_series_limit
-from .states import PORT_STATES, REMOTE_STATES, STATE_SLOTS, count_state_family
+from .states import PORT_STATES, REMOTE_STATES, STATE_SLOTS, count_small, count_state_family
 
 EXCLUDED = "excluded"  # addresses left out by --remote.include / --remote.exclude
 _ALL = (1 << 128) - 1
@@ -539,9 +539,10 @@ class RemoteAccumulator:
             self._port_state.append(state[connected])
             self._port.append(port[connected])
             tag, addr = tag[peered], addr[peered]
-        else:  # most batches hold connected sockets only
-            self._port_state.append(np.array(state))  # not a view: it would keep the batch
-            self._port.append(np.array(port))
+        else:  # most batches hold connected sockets only (kept as they are: the decoder's
+            # columns are arrays of their own, holding at most the family and peer port too)
+            self._port_state.append(state)
+            self._port.append(port)
         hi, lo = _address_words(addr)
         self._pending.append((hi, lo, tag))
         self._pending_rows += len(tag)
@@ -655,16 +656,15 @@ class RemoteAccumulator:
         slots = (len(listening) + 1) * STATE_SLOTS
         counted = np.zeros(slots, dtype=np.int64)
         if listening:
-            # port -> its position; one more takes every other port (a small table gathers
-            # fast: 64 KiB for fewer than 255 listening ports)
-            narrow = np.uint8 if len(listening) < 255 else np.int32
-            column = np.full(1 << 16, len(listening), dtype=narrow)
-            column[listening] = np.arange(len(listening))
+            # port -> its position * STATE_SLOTS; one more position takes every other port
+            # (a small table gathers fast: 128 KiB for fewer than 4095 listening ports)
+            narrow = np.uint16 if slots <= 1 << 16 else np.int32
+            column = np.full(1 << 16, len(listening) * STATE_SLOTS, dtype=narrow)
+            column[listening] = np.arange(len(listening)) * STATE_SLOTS
             for port, state in zip(self._port, self._port_state):
-                keys = column[port].astype(np.intp)
-                keys *= STATE_SLOTS
+                keys = column[port]
                 keys += state
-                counted += np.bincount(keys, minlength=slots)
+                counted += count_small(keys, slots)
         return counted.reshape(-1, STATE_SLOTS)[:-1].T
 
     def _client_time_wait(self, listening: list[int], incumbents: frozenset):

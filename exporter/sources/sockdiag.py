@@ -381,7 +381,8 @@ def _table(columns: dict, listening: SocketTable | None = None) -> SocketTable:
     # times slower on every other byte than on contiguous ones
     family, state = columns["family_state"].view(np.uint8).reshape(rows, 2).T.copy()
     # sport and dport are big-endian
-    ports = columns["ports"].view(">u2").reshape(rows, 2).astype(np.uint16)
+    local_port, remote_port = columns["ports"].view(">u2").reshape(rows, 2).T.astype(
+        np.uint16, order="C")
     queues = columns["queues"].view(np.uint32).reshape(rows, 2)
     whole = listening is None
     uid_inode = columns["uid_inode"].view(np.uint32).reshape(rows, 2) if whole else None
@@ -389,9 +390,9 @@ def _table(columns: dict, listening: SocketTable | None = None) -> SocketTable:
         family=family,
         state=state,
         local_addr=columns["local_addr"].view(np.uint32).reshape(rows, 4) if whole else None,
-        local_port=ports[:, 0],
+        local_port=local_port,
         remote_addr=columns["remote_addr"].view(np.uint32).reshape(rows, 4),
-        remote_port=ports[:, 1],
+        remote_port=remote_port,
         recv_q=queues[:, 0],
         send_q=queues[:, 1],
         uid=uid_inode[:, 0] if whole else None,
