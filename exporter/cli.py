@@ -286,9 +286,11 @@ def snapshot_main(argv: list[str]) -> int:
                     print(f"netstat-exporter: error: reading {name}: {result.error}",
                           file=sys.stderr)
                     return 1
-            if args.watch:
-                print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))}")
-            print(table.render(snapshot, args, previous), flush=True)
+            text = table.render(snapshot, args, previous)
+            if args.watch:  # one write with its table: Ctrl-C never leaves a heading alone
+                taken = time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))
+                text = f"# {taken}\n{text}"
+            print(text, flush=True)
             previous = snapshot
             if not args.watch:
                 return 0

@@ -60,18 +60,16 @@ def read_tcp(reader: SocketReader, listen_limit: int,
              remote: aggregate.RemoteOptions | None = None,
              previous: aggregate.TcpSummary | None = None, owners=None,
              program_top: int = 20) -> aggregate.TcpSummary:
-    # lean unless -p: only the programs view reads every socket's inode
     return _read_sockets(reader, "tcp", lambda: aggregate.TcpAccumulator(
         listen_limit=listen_limit, backlog_known=reader.sources["tcp"] == "netlink",
-        remote=remote, previous=previous, owners=owners, program_top=program_top),
-        lean=owners is None)
+        remote=remote, previous=previous, owners=owners, program_top=program_top))
 
 
 def read_udp(reader: SocketReader) -> aggregate.UdpSummary:
-    return _read_sockets(reader, "udp", aggregate.UdpAccumulator, lean=True)
+    return _read_sockets(reader, "udp", aggregate.UdpAccumulator)
 
 
-def _read_sockets(reader: SocketReader, protocol: str, new_accumulator, lean: bool):
+def _read_sockets(reader: SocketReader, protocol: str, new_accumulator):
     # A dump is aggregated batch by batch; if it has to start over (interrupted, or netlink
     # refused and we fall back to /proc), the partial sums are thrown away with it.
     reader.retry_netlink(protocol)
@@ -79,7 +77,7 @@ def _read_sockets(reader: SocketReader, protocol: str, new_accumulator, lean: bo
     for _attempt in range(3):
         acc = new_accumulator()
         try:
-            for table in reader.tables(protocol, buffer, lean):
+            for table in reader.tables(protocol, buffer):
                 acc.add(table)
             reader.netlink_works(protocol)
             return acc.result()
@@ -119,7 +117,7 @@ def _tcp_fast(ctx) -> dict[str, int] | None:
     try:
         for table in sockdiag.dump(socket.IPPROTO_TCP, socket.AF_UNSPEC,
                                    states=sum(1 << s for s in FAST_STATES),
-                                   buffer=ctx.fast_buffer, lean=True):
+                                   buffer=ctx.fast_buffer):
             counts += np.bincount(table.state, minlength=256)
     except sockdiag.DumpInterrupted:
         return None  # the next tick tries again
@@ -285,7 +283,7 @@ def _namespaces(ctx) -> aggregate.NetnsSummary:
         for _attempt in range(3):  # an interrupted dump is read again, as the host's is
             try:
                 return aggregate.summarize_tcp(
-                    sockdiag.dump(socket.IPPROTO_TCP, buffer=buffer, lean=True)).state_totals()
+                    sockdiag.dump(socket.IPPROTO_TCP, buffer=buffer)).state_totals()
             except sockdiag.DumpInterrupted:
                 continue
         raise sockdiag.DumpInterrupted(errno.EINTR, "TCP dump interrupted three times")

@@ -94,7 +94,7 @@ def test_interrupted_dump_is_retried_from_scratch():
                                     "remote_port": [0], "recv_q": [0], "send_q": [5],
                                     "inode": [1], "uid": [0]})
 
-    def flaky(protocol, family=socket.AF_UNSPEC, buffer=None, lean=False):
+    def flaky(protocol, family=socket.AF_UNSPEC, buffer=None):
         calls.append(family)
         yield one
         if len(calls) == 1:
@@ -237,7 +237,7 @@ def test_after_a_fallback_netlink_is_tried_again_and_both_switches_are_logged(ca
     now = {"t": 0.0}
     refusing = {"on": True}
 
-    def dump(protocol, family=socket.AF_UNSPEC, buffer=None, lean=False):
+    def dump(protocol, family=socket.AF_UNSPEC, buffer=None):
         if refusing["on"]:
             raise PermissionError(errno.EACCES, "Permission denied")
         if family in (socket.AF_UNSPEC, socket.AF_INET):  # both families in one walk

@@ -61,15 +61,15 @@ class TcpAccumulator:
         for col, queue in enumerate((table.recv_q, table.send_q)):
             self._queues[:, col] += sum_by(key, queue, STATE_SLOTS * 2).reshape(-1, 2).sum(1)
         if counts[TcpState.LISTEN].any():
-            self._add_listeners(table.listeners())
+            self._add_listeners(table, np.flatnonzero(table.state == TcpState.LISTEN))
         if self._remote is not None:
             self._remote.add(table, counts, key)
         if self._programs is not None:
             self._programs.add(table)
 
-    def _add_listeners(self, table: SocketTable) -> None:
+    def _add_listeners(self, table: SocketTable, rows: np.ndarray) -> None:
         # Listeners are few: a Python loop over them is cheap and keeps exact integers.
-        for i in range(len(table)):
+        for i in rows:
             # the interface is part of the key: fe80::1%a1 and fe80::1%a2 on one port are two
             # listeners with two queues, not one
             key = (int(table.family[i]), table.local_addr[i].tobytes(), int(table.local_port[i]),

@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .table import ALL_STATES_MASK, SocketTable, TcpState
+from .table import ALL_STATES_MASK, SocketTable
 
 NETLINK_SOCK_DIAG = 4
 SOCK_DIAG_BY_FAMILY = 20
@@ -116,13 +116,12 @@ def open_socket(timeout: float = 10.0, protocol: int = NETLINK_SOCK_DIAG) -> soc
 
 
 def dump(protocol: int, family: int = socket.AF_UNSPEC, states: int = ALL_STATES_MASK,
-         sock: socket.socket | None = None, buffer: bytearray | None = None,
-         lean: bool = False) -> Iterator[SocketTable]:
+         sock: socket.socket | None = None, buffer: bytearray | None = None
+         ) -> Iterator[SocketTable]:
     """Yield the sockets of one protocol as SocketTable batches.
 
     `buffer` (at least 128 KiB) is reused between batches and, when the caller keeps it,
     between dumps: a fresh 4 MiB buffer per dump costs a thousand page faults each time.
-    lean: see decode().
     Raises OSError when the kernel refuses (NLMSG_ERROR, e.g. ENOENT when udp_diag is not
     available), DumpInterrupted when the dump must be redone.
     """
@@ -133,7 +132,7 @@ def dump(protocol: int, family: int = socket.AF_UNSPEC, states: int = ALL_STATES
         seq = int.from_bytes(os.urandom(4), "little") or 1
         msg_type, request = build_request(protocol, family, states, seq)
         for batch in receive(sock, request, seq, buffer, "sock_diag"):
-            table = decode(batch, seq, msg_type, lean)
+            table = decode(batch, seq, msg_type)
             if len(table):
                 yield table
     finally:
@@ -270,18 +269,12 @@ _COLUMNS = (("family_state", 4 * _W_FAMILY, np.dtype(np.uint16)),
             ("ifindex", 4 * _W_IF, np.dtype(np.uint32)),
             ("queues", 4 * _W_RQUEUE, np.dtype("V8")),  # rqueue, wqueue
             ("uid_inode", 4 * _W_UID, np.dtype("V8")))  # uid, inode
-# What the counting views read of every socket (a lean decode): state and family, ports,
-# peer, queues. A listener's own address and interface are read for LISTEN rows only, and
-# uid and inode not at all; each column left out is one pass over the buffer less.
-_LEAN = tuple(c for c in _COLUMNS if c[0] in ("family_state", "ports", "remote_addr", "queues"))
 
 
-def _run_columns(data, words: np.ndarray, seq: int, msg_type: int, columns=_COLUMNS
-                 ) -> tuple[dict, np.ndarray] | None:
-    """Every data message's `columns` (name -> array, see _COLUMNS) and the runs it found
-    ((first row, its word index, step) each), found by following runs of equal lengths; None
-    when lengths change too often to pay, or anything is not a plain data message or a clean
-    NLMSG_DONE at the end (decode's general path then says what).
+def _run_columns(data, words: np.ndarray, seq: int, msg_type: int) -> dict | None:
+    """Every data message's columns (name -> array, see _COLUMNS), found by following runs
+    of equal lengths; None when lengths change too often to pay, or anything is not a plain
+    data message or a clean NLMSG_DONE at the end (decode's general path then says what).
 
     Most messages of a dump have one length (every ESTABLISHED socket's is the same). From a
     known start i with length L the next messages would start at i + k*step. A window of
@@ -296,8 +289,9 @@ def _run_columns(data, words: np.ndarray, seq: int, msg_type: int, columns=_COLU
     data_word = msg_type | NLM_F_MULTI << 16
     raw = np.frombuffer(data, dtype=np.uint8)
     limit = 4 * end // _MIN_MSG_LEN  # no more messages than this fit
-    out = {name: np.empty(limit, dtype=kind) for name, _offset, kind in columns}
-    runs = []
+    out = {name: np.empty(limit, dtype=kind) for name, _offset, kind in _COLUMNS}
+    first = np.empty(_WINDOW, dtype=np.uint64)  # words 0-1: length; type and flags
+    sequence = np.empty(_WINDOW, dtype=np.uint32)
     rows = breaks = 0
     i = 0
     while i < end:
@@ -318,110 +312,72 @@ def _run_columns(data, words: np.ndarray, seq: int, msg_type: int, columns=_COLU
         def column(kind, offset):  # the window's places, read as `kind` at `offset`
             return np.ndarray((count,), dtype=kind, buffer=raw, offset=4 * i + offset,
                               strides=(4 * step,))
-        held = column(np.uint64, 0) == np.uint64(length | data_word << 32 if np.little_endian
-                                                 else length << 32 | data_word)
-        held &= column(np.uint32, 8) == seq
+        first[:count] = column(np.uint64, 0)
+        sequence[:count] = column(np.uint32, 8)
+        held = first[:count] == np.uint64(length | data_word << 32 if np.little_endian
+                                          else length << 32 | data_word)
+        held &= sequence[:count] == seq
         run = count if held.all() else int(np.argmin(held))  # the first that fails
         if i + run * step > end:  # the last message runs past the buffer
             return None
         count = run
-        for name, offset, kind in columns:
+        for name, offset, kind in _COLUMNS:
             out[name][rows:rows + run] = column(kind, offset)
-        runs.append((rows, i, step))
         rows += run
         i += run * step
         if run < _WINDOW and i < end - 5:
             breaks += 1
             if breaks > 4 + rows // 512:  # lengths interleave: the general path is cheaper
                 return None
-    return ({name: column[:rows] for name, column in out.items()},
-            np.array(runs, dtype=np.int64).reshape(-1, 3))
+    return {name: column[:rows] for name, column in out.items()}
 
 
-def _starts(runs: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Word index of where each of `rows` starts, from _run_columns' runs."""
-    run = np.searchsorted(runs[:, 0], rows, side="right") - 1
-    return runs[run, 1] + (rows - runs[run, 0]) * runs[run, 2]
-
-
-def decode(data: memoryview | bytes, seq: int, msg_type: int, lean: bool = False
-           ) -> SocketTable:
+def decode(data: memoryview | bytes, seq: int, msg_type: int) -> SocketTable:
     """Decode a buffer of whole netlink messages (one or more datagrams) into a SocketTable.
 
     Worked example (one IPv4 listener on 127.0.0.1:3306, accept queue 0, backlog 128):
     header (124, 18, NLM_F_MULTI, seq, pid), then family 2, state 10, sport b"\\x0c\\xea",
     src[0] = 0x0100007F on a little-endian host, rqueue 0, wqueue 128 -> one row with
     family=2, state=10, local_port=3306, recv_q=0, send_q=128.
-
-    lean: read only what the counting views need of every socket (_LEAN); the table's
-    local_addr, uid, inode and ifindex are then None, and its `listening` holds the LISTEN
-    rows whole. A buffer the general path decodes comes out whole either way.
     """
     if len(data) % 4:
         raise DumpError(errno.EPROTO, f"netlink buffer of {len(data)} bytes is not 4-aligned")
-    words = np.frombuffer(data, dtype=np.uint32)
-    found = _run_columns(data, words, seq, msg_type, _LEAN if lean else _COLUMNS)
-    if found is None:
-        return _table(_gather_columns(data, seq, msg_type))
-    columns, runs = found
-    if not lean:
-        return _table(columns)
-    # the listeners whole: their heads gathered from where they start (few rows)
-    state = columns["family_state"].view(np.uint8)[1::2]
-    heads = _heads(words, _starts(runs, np.flatnonzero(state == TcpState.LISTEN)))
-    return _table(columns, _table(_head_columns(heads)))
-
-
-def _table(columns: dict, listening: SocketTable | None = None) -> SocketTable:
-    """A SocketTable of decoded columns: all of _COLUMNS, or _LEAN and the listeners."""
-    rows = len(columns["family_state"])
-    if not rows and listening is None:
+    columns = _run_columns(data, np.frombuffer(data, dtype=np.uint32), seq, msg_type)
+    if columns is None:
+        columns = _gather_columns(data, seq, msg_type)
+    rows = len(columns["ifindex"])
+    if not rows:
         return SocketTable.empty()
-    # each its own contiguous column: every view reads the states, and numpy is several
-    # times slower on every other byte than on contiguous ones
-    family, state = columns["family_state"].view(np.uint8).reshape(rows, 2).T.copy()
+    family_state = columns["family_state"].view(np.uint8).reshape(rows, 2)
     # sport and dport are big-endian
-    local_port, remote_port = columns["ports"].view(">u2").reshape(rows, 2).T.astype(
-        np.uint16, order="C")
+    ports = columns["ports"].view(">u2").reshape(rows, 2).astype(np.uint16)
     queues = columns["queues"].view(np.uint32).reshape(rows, 2)
-    whole = listening is None
-    uid_inode = columns["uid_inode"].view(np.uint32).reshape(rows, 2) if whole else None
+    uid_inode = columns["uid_inode"].view(np.uint32).reshape(rows, 2)
     return SocketTable(
-        family=family,
-        state=state,
-        local_addr=columns["local_addr"].view(np.uint32).reshape(rows, 4) if whole else None,
-        local_port=local_port,
+        family=family_state[:, 0],
+        state=family_state[:, 1],
+        local_addr=columns["local_addr"].view(np.uint32).reshape(rows, 4),
+        local_port=ports[:, 0],
         remote_addr=columns["remote_addr"].view(np.uint32).reshape(rows, 4),
-        remote_port=remote_port,
+        remote_port=ports[:, 1],
         recv_q=queues[:, 0],
         send_q=queues[:, 1],
-        uid=uid_inode[:, 0] if whole else None,
-        inode=uid_inode[:, 1] if whole else None,
-        ifindex=columns["ifindex"] if whole else None,
-        listening=listening,
+        uid=uid_inode[:, 0],
+        inode=uid_inode[:, 1],
+        ifindex=columns["ifindex"],
     )
 
 
 def _gather_columns(data, seq: int, msg_type: int) -> dict:
     """The general path: every message located and checked (data_messages), the fixed 88-byte
-    head of each data message copied in one gather (_heads), and the columns read out of
-    those heads."""
+    head of each data message copied in one gather (each start is one element of an 88-byte
+    type laid every 4 bytes over the buffer, so the copy is a memcpy per row), and the
+    columns read out of those heads."""
     words, _halves, b = data_messages(data, seq, msg_type, "sock_diag")
     if len(b) and int(words[b].min()) < _MIN_MSG_LEN:
         raise DumpError(errno.EPROTO, "inet_diag message shorter than inet_diag_msg")
-    return _head_columns(_heads(words, b))
-
-
-def _heads(words: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """The 88-byte heads of the messages starting at these word indices, as (n, 88) bytes:
-    each start is one element of an 88-byte type laid every 4 bytes over the buffer, so the
-    copy is a memcpy per row."""
-    places = np.ndarray((len(words) - _HEAD_WORDS + 1,), dtype=_HEAD, buffer=words,
+    starts = np.ndarray((len(words) - _HEAD_WORDS + 1,), dtype=_HEAD, buffer=words,
                         strides=(4,)) if len(words) >= _HEAD_WORDS else np.zeros(0, _HEAD)
-    return np.ascontiguousarray(places[starts]).view(np.uint8).reshape(len(starts), _MIN_MSG_LEN)
-
-
-def _head_columns(heads: np.ndarray) -> dict:
-    """Every column of _COLUMNS out of (n, 88) message heads."""
+    heads = np.ascontiguousarray(starts[b]).view(np.uint8).reshape(len(b), _MIN_MSG_LEN)
     return {name: np.ascontiguousarray(heads[:, offset:offset + kind.itemsize]).view(kind)[:, 0]
             for name, offset, kind in _COLUMNS}

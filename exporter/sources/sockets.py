@@ -60,25 +60,23 @@ class SocketReader:
         self.missing: set[str] = set()  # /proc files found absent where that is expected
         self.buffer = bytearray(sockdiag.BATCH_BYTES)  # reused by every dump (one thread)
 
-    def tables(self, protocol: str, buffer: bytearray | None = None, lean: bool = False
-               ) -> Iterator[SocketTable]:
+    def tables(self, protocol: str, buffer: bytearray | None = None) -> Iterator[SocketTable]:
         """buffer: the one a reader took when it began (the watchdog gives the next sample a
-        fresh one while a blocked read may still use its own). lean: the reader needs only
-        what sockdiag.decode(lean=True) reads (a /proc table is whole anyway)."""
+        fresh one while a blocked read may still use its own)."""
         if self.sources[protocol] == "proc":
             return self._proc(protocol)
-        return self._netlink(protocol, buffer if buffer is not None else self.buffer, lean)
+        return self._netlink(protocol, buffer if buffer is not None else self.buffer)
 
     def _proc(self, protocol: str) -> Iterator[SocketTable]:
         missing: list[str] = []
         yield from self._read_proc(PROTOCOLS[protocol], self.procfs, missing)
         note_missing(self.missing, missing)
 
-    def _netlink(self, protocol: str, buffer: bytearray, lean: bool) -> Iterator[SocketTable]:
+    def _netlink(self, protocol: str, buffer: bytearray) -> Iterator[SocketTable]:
         proto = PROTOCOLS[protocol]
         if protocol == "tcp" and not self._per_family_tcp:
             try:
-                yield from self._dump(proto, socket.AF_UNSPEC, buffer=buffer, lean=lean)
+                yield from self._dump(proto, socket.AF_UNSPEC, buffer=buffer)
                 return
             except OSError as exc:
                 if exc.errno not in _NO_COMPAT or isinstance(exc, sockdiag.DumpError):
@@ -86,7 +84,7 @@ class SocketReader:
                 log.info("TCPDIAG_GETSOCK refused (%s); dumping TCP per address family", exc)
                 self._per_family_tcp = True
         for family in (socket.AF_INET, socket.AF_INET6):
-            yield from self._dump(proto, family, buffer=buffer, lean=lean)
+            yield from self._dump(proto, family, buffer=buffer)
 
     def retry_netlink(self, protocol: str) -> None:
         """Before a read: after a fallback, give netlink another chance now and then."""

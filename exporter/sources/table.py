@@ -70,35 +70,23 @@ class SocketTable:
     backlog); inode, uid: as in /proc/net/tcp; ifindex: the interface a socket is bound to
     (idiag_if: a link-local address's zone, or SO_BINDTODEVICE), 0 when none or unknown
     (/proc/net/tcp6 does not say).
-
-    A lean table (sockdiag.decode(lean=True), what the counting views read) has no
-    local_addr, inode, uid or ifindex (None); `listening` holds its LISTEN rows whole.
     """
 
     family: np.ndarray
     state: np.ndarray
-    local_addr: np.ndarray | None
+    local_addr: np.ndarray
     local_port: np.ndarray
     remote_addr: np.ndarray
     remote_port: np.ndarray
     recv_q: np.ndarray
     send_q: np.ndarray
-    inode: np.ndarray | None
-    uid: np.ndarray | None
+    inode: np.ndarray
+    uid: np.ndarray
     ifindex: np.ndarray | None = None
-    listening: "SocketTable | None" = None  # a lean table's LISTEN rows, whole
 
     def __post_init__(self):
-        # sources that cannot tell: unbound, as far as we know
-        if self.ifindex is None and self.listening is None:
+        if self.ifindex is None:  # sources that cannot tell: unbound, as far as we know
             object.__setattr__(self, "ifindex", np.zeros(len(self.state), dtype=np.uint32))
-
-    def listeners(self) -> "SocketTable":
-        """The LISTEN rows, whole."""
-        if self.listening is not None:
-            return self.listening
-        rows = np.flatnonzero(self.state == TcpState.LISTEN)
-        return SocketTable(**{c: getattr(self, c)[rows] for c in COLUMNS})
 
     def __len__(self) -> int:
         return len(self.state)
