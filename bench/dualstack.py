@@ -2,7 +2,7 @@
 exporter's own process, for one or more source trees of the exporter side by side.
 
     .venv/bin/python -m bench.dualstack --cases 100000:1000,200000:100000 --mixes 0,30,70 \\
-        --trees before=/tmp/before,after=/tmp/after --reps 7 --exporter-samples 5
+        --trees before=/tmp/before,after=/tmp/after --reps 7 --exporter-samples 5 --rounds 1
 
 Each case SOCKETS:REMOTES and mix (percent of connections over IPv6) builds a farm in a
 fresh namespace: IPv4 connections from REMOTES*(100-mix)% distinct 127.1.0.0+ addresses to
@@ -119,15 +119,36 @@ def build(ns, size, remotes, mix):
     return farm
 
 
-def measure_case(size, remotes, mix, trees, reps, samples, parts=False):
+def timings(ns, trees, reps, rounds):
+    """Each tree's dualmeasure.py timings, `reps` repetitions in all, in `rounds` processes
+    per tree taken in the order ABBA... so that drift over the case (the machine's other
+    tenants, the farm ageing) falls on every tree alike rather than on the one measured
+    last."""
+    rounds = max(1, min(rounds, reps))
+    out = {name: None for name, _tree in trees}
+    for r in range(rounds):
+        share = reps // rounds + (r < reps % rounds)
+        for name, tree in (trees if r % 2 == 0 else trees[::-1]):
+            got = in_process(ns, tree, "time", share)
+            if out[name] is None:
+                out[name] = got
+            else:
+                for key, value in got.items():
+                    if isinstance(value, list):
+                        out[name][key] += value
+    return out
+
+
+def measure_case(size, remotes, mix, trees, reps, samples, parts=False, rounds=1):
     ns = f"bench-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     farm = None
     try:
         farm = build(ns, size, remotes, mix)
         row = {"sockets_built": farm.sockets, "mix": mix, "remotes": remotes, "trees": {}}
+        timed = timings(ns, trees, reps, rounds)
         for name, tree in trees:
-            timing = in_process(ns, tree, "time", reps)
+            timing = timed[name]
             rss = in_process(ns, tree, "rss", 3)["rss_kb"] / 1024
             durations, hwm = exporter(ns, tree, samples) if samples else ([float("nan")], 0.0)
             med = statistics.median
@@ -208,6 +229,9 @@ def main():
     parser.add_argument("--exporter-samples", type=int, default=5)
     parser.add_argument("--parts", action="store_true",
                         help="also time a read part by part (bench/dualparts.py)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="split each tree's repetitions over this many processes, the "
+                             "trees taken in turn (ABBA...)")
     args = parser.parse_args()
     trees = [tuple(t.split("=", 1)) for t in args.trees.split(",")]
     rows = []
@@ -215,7 +239,7 @@ def main():
         size, remotes = (int(x) for x in case.split(":"))
         for mix in (int(m) for m in args.mixes.split(",")):
             rows.append(measure_case(size, remotes, mix, trees, args.reps,
-                                     args.exporter_samples, args.parts))
+                                     args.exporter_samples, args.parts, args.rounds))
     print(table(rows, [name for name, _ in trees]))
     if args.parts:
         print()
