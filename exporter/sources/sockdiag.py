@@ -12,7 +12,10 @@ The dump covers the network namespace this process (thread) is in.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import functools
 import os
 import socket
 import struct
@@ -97,12 +100,75 @@ def build_request(protocol: int, family: int, states: int, seq: int) -> tuple[in
     return msg_type, header + payload
 
 
+# linux/capability.h: capget/capset, _LINUX_CAPABILITY_VERSION_3 (two words per set)
+_CAP_VERSION_3 = 0x20080522
+_CAP_NET_ADMIN = 12
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _capabilities(libc, caps=None) -> "ctypes.Array | None":
+    """This thread's capability sets (capget), or set them (capset); None on failure."""
+    header = _CapHeader(_CAP_VERSION_3, 0)  # pid 0: the calling thread
+    data = caps if caps is not None else (_CapData * 2)()
+    call = libc.capset if caps is not None else libc.capget
+    return data if call(ctypes.byref(header), data) == 0 else None
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+@contextlib.contextmanager
+def _without_net_admin():
+    """CAP_NET_ADMIN out of this thread's effective set for the body (kept in the permitted
+    set, so it comes back after; capabilities are per thread, so no other thread notices).
+
+    A sock_diag socket opened by a holder of CAP_NET_ADMIN gets INET_DIAG_MARK in every
+    socket's message (8 of 124 bytes); we never read it, and without it a TCP dump is 6.5%
+    smaller and ~5% faster for the kernel (100k sockets: 78.5 -> 74.1 ms, same run).
+    Anything unexpected (no capget, a seccomp filter) leaves the capability alone."""
+    try:
+        libc = _libc()
+        caps = _capabilities(libc)
+    except (OSError, AttributeError):
+        caps = None
+    if caps is None or not caps[0].effective & 1 << _CAP_NET_ADMIN:
+        yield
+        return
+    held = caps[0].effective
+    caps[0].effective = held & ~(1 << _CAP_NET_ADMIN)
+    dropped = _capabilities(libc, caps) is not None
+    try:
+        yield
+    finally:
+        if dropped:
+            caps[0].effective = held
+            if _capabilities(libc, caps) is None:  # never expected: it is still permitted
+                raise PermissionError(ctypes.get_errno(), "capset: CAP_NET_ADMIN could not "
+                                      "be raised again after opening a sock_diag socket")
+
+
 def open_socket(timeout: float = 10.0, protocol: int = NETLINK_SOCK_DIAG) -> socket.socket:
     """A bound netlink socket whose receives fail after `timeout` seconds without a datagram:
     a stuck dump must fail the collector, never hang the sampler. The kernel keeps that
     time (SO_RCVTIMEO), not Python: a Python socket timeout polls before every receive, one
-    more system call per datagram, some 400 per 100k sockets."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
+    more system call per datagram, some 400 per 100k sockets. A sock_diag socket is opened
+    without CAP_NET_ADMIN (_without_net_admin); conntrack's needs it."""
+    if protocol == NETLINK_SOCK_DIAG:
+        with _without_net_admin():
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                 protocol)
+    else:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
     try:
         seconds = int(timeout)
         limit = TIMEVAL.pack(seconds, int((timeout - seconds) * 1e6))
