@@ -2,12 +2,15 @@
 `before` source tree and the current one run the same measurement): the kernel's floor and
 the exporter's default sample, alternating.
 
-    PYTHONPATH=TREE python bench/dualmeasure.py time REPS -> JSON {tcp_floor, floor, sample,
-        tcp, tcp_plain: [s...], sockets, distinct}
+    PYTHONPATH=TREE python bench/dualmeasure.py time REPS -> JSON {tcp_floor,
+        tcp_floor_unmarked, floor, sample, tcp, tcp_plain: [s...], sockets, distinct}
     PYTHONPATH=TREE python bench/dualmeasure.py rss REPS  -> JSON {rss_kb} after REPS samples
 
 tcp_floor: the one TCPDIAG_GETSOCK walk (both families) received until NLMSG_DONE, no
-decoding; floor: that plus the two UDP dumps a sample also makes. sample: the default sample,
+decoding, on a socket opened by a holder of CAP_NET_ADMIN (as root: with INET_DIAG_MARK in
+every message); tcp_floor_unmarked: the same on a socket opened without it (no mark: how
+the exporter opens its sockets since 0c1cc2e); floor: tcp_floor plus the two UDP dumps a
+sample also makes. sample: the default sample,
 `Sampler(SocketReader("netlink"), remote=RemoteOptions())` with every default view; tcp: the
 tcp view's own duration inside it (what the exporter reports as
 netstat_exporter_collector_duration_seconds{collector="tcp"}); tcp_plain: the tcp view of a
@@ -16,6 +19,7 @@ listeners).
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import resource
 import socket
@@ -41,20 +45,43 @@ def _ends(view, n: int, seq: int) -> bool:
     return length == 20 and kind == 3 and got == seq
 
 
-def _netlink_socket() -> socket.socket:
+def _effective(libc, caps=None):
+    """capget (or capset, given caps) of this thread, _LINUX_CAPABILITY_VERSION_3."""
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    data = caps if caps is not None else (ctypes.c_uint32 * 6)()
+    if (libc.capset if caps is not None else libc.capget)(header, data):
+        raise OSError(ctypes.get_errno(), "capget/capset")
+    return data
+
+
+def _netlink_socket(mark: bool = True) -> socket.socket:
     """A sock_diag socket that receives without Python's per-receive poll (the kernel keeps
-    the timeout): the least a reader can do, whatever the tree under test does."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+    the timeout): the least a reader can do, whatever the tree under test does. mark=False:
+    opened with CAP_NET_ADMIN out of the effective set, so that the kernel leaves
+    INET_DIAG_MARK out of every message (the floor of a reader that does not want it)."""
+    if mark:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+    else:
+        libc = ctypes.CDLL(None, use_errno=True)
+        caps = _effective(libc)
+        held = caps[0]  # the low word of the effective set; CAP_NET_ADMIN is bit 12
+        caps[0] = held & ~(1 << 12)
+        _effective(libc, caps)
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+        finally:
+            caps[0] = held
+            _effective(libc, caps)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("@ll", 10, 0))
     sock.bind((0, 0))
     return sock
 
 
-def floor(requests, view=memoryview(bytearray(1 << 16))) -> int:
+def floor(requests, view=memoryview(bytearray(1 << 16)), mark: bool = True) -> int:
     """The dumps with no decoding at all: receive until NLMSG_DONE. Returns bytes read."""
     total = 0
     for protocol, family in requests:
-        with _netlink_socket() as sock:
+        with _netlink_socket(mark) as sock:
             seq = 77
             _type, request = sockdiag.build_request(protocol, family, ALL_STATES_MASK, seq)
             sock.send(request)
@@ -78,8 +105,12 @@ def main() -> None:
     sampler.sample_once()  # warm-up: imports, first allocations, the top-N's previous
     plain.sample_once()
     floor(ALL)
-    out = {"tcp_floor": [], "floor": [], "sample": [], "tcp": [], "tcp_plain": []}
+    out = {"tcp_floor": [], "tcp_floor_unmarked": [], "floor": [], "sample": [], "tcp": [],
+           "tcp_plain": []}
     for _ in range(reps):  # alternate, so drift hits all alike
+        t = time.perf_counter()
+        floor(TCP, mark=False)
+        out["tcp_floor_unmarked"].append(time.perf_counter() - t)
         t0 = time.perf_counter()
         floor(TCP)
         t1 = time.perf_counter()
