@@ -19,11 +19,11 @@ from . import files
 T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)  # setns here, capget/capset in sockdiag
 
 
 def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
-    if _libc.setns(fd, nstype) != 0:
+    if libc.setns(fd, nstype) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns: {os.strerror(err)}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import functools
 import os
 import socket
 import struct
@@ -24,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .netns import libc
 from .table import ALL_STATES_MASK, SocketTable
 
 NETLINK_SOCK_DIAG = 4
@@ -114,17 +114,12 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-def _capabilities(libc, caps=None) -> "ctypes.Array | None":
+def _capabilities(caps=None) -> "ctypes.Array | None":
     """This thread's capability sets (capget), or set them (capset); None on failure."""
     header = _CapHeader(_CAP_VERSION_3, 0)  # pid 0: the calling thread
     data = caps if caps is not None else (_CapData * 2)()
     call = libc.capset if caps is not None else libc.capget
     return data if call(ctypes.byref(header), data) == 0 else None
-
-
-@functools.lru_cache(maxsize=None)
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager
@@ -137,22 +132,21 @@ def _without_net_admin():
     smaller and ~5% faster for the kernel (100k sockets: 78.5 -> 74.1 ms, same run).
     Anything unexpected (no capget, a seccomp filter) leaves the capability alone."""
     try:
-        libc = _libc()
-        caps = _capabilities(libc)
-    except (OSError, AttributeError):
+        caps = _capabilities()
+    except AttributeError:  # a C library without capget
         caps = None
     if caps is None or not caps[0].effective & 1 << _CAP_NET_ADMIN:
         yield
         return
     held = caps[0].effective
     caps[0].effective = held & ~(1 << _CAP_NET_ADMIN)
-    dropped = _capabilities(libc, caps) is not None
+    dropped = _capabilities(caps) is not None
     try:
         yield
     finally:
         if dropped:
             caps[0].effective = held
-            if _capabilities(libc, caps) is None:  # never expected: it is still permitted
+            if _capabilities(caps) is None:  # never expected: it is still permitted
                 raise PermissionError(ctypes.get_errno(), "capset: CAP_NET_ADMIN could not "
                                       "be raised again after opening a sock_diag socket")
 
@@ -163,11 +157,7 @@ def open_socket(timeout: float = 10.0, protocol: int = NETLINK_SOCK_DIAG) -> soc
     time (SO_RCVTIMEO), not Python: a Python socket timeout polls before every receive, one
     more system call per datagram, some 400 per 100k sockets. A sock_diag socket is opened
     without CAP_NET_ADMIN (_without_net_admin); conntrack's needs it."""
-    if protocol == NETLINK_SOCK_DIAG:
-        with _without_net_admin():
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
-                                 protocol)
-    else:
+    with _without_net_admin() if protocol == NETLINK_SOCK_DIAG else contextlib.nullcontext():
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
     try:
         seconds = int(timeout)
