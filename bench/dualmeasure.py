@@ -3,7 +3,8 @@
 the exporter's default sample, alternating.
 
     PYTHONPATH=TREE python bench/dualmeasure.py time REPS -> JSON {tcp_floor,
-        tcp_floor_unmarked, floor, sample, tcp, tcp_plain: [s...], sockets, distinct}
+        tcp_floor_unmarked, floor, sample, tcp, tcp_plain, floor_cpu, sample_cpu: [s...],
+        sockets, distinct}
     PYTHONPATH=TREE python bench/dualmeasure.py rss REPS  -> JSON {rss_kb} after REPS samples
 
 tcp_floor: the one TCPDIAG_GETSOCK walk (both families) received until NLMSG_DONE, no
@@ -15,7 +16,9 @@ sample also makes. sample: the default sample,
 tcp view's own duration inside it (what the exporter reports as
 netstat_exporter_collector_duration_seconds{collector="tcp"}); tcp_plain: the tcp view of a
 sampler without per-remote and per-port counting (--no-remote's cost: decode, states, queues,
-listeners).
+listeners). floor_cpu, sample_cpu: the process's CPU time (every thread's) over floor and
+sample: a read that receives in one thread while another decodes may take less time than
+it takes CPU.
 """
 from __future__ import annotations
 
@@ -106,18 +109,20 @@ def main() -> None:
     plain.sample_once()
     floor(ALL)
     out = {"tcp_floor": [], "tcp_floor_unmarked": [], "floor": [], "sample": [], "tcp": [],
-           "tcp_plain": []}
+           "tcp_plain": [], "floor_cpu": [], "sample_cpu": []}
     for _ in range(reps):  # alternate, so drift hits all alike
         t = time.perf_counter()
         floor(TCP, mark=False)
         out["tcp_floor_unmarked"].append(time.perf_counter() - t)
         t0 = time.perf_counter()
         floor(TCP)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         floor(ALL)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         snapshot = sampler.sample_once()
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.process_time()
+        out["floor_cpu"].append(c2 - c1)  # every thread's: the sample's reads may use two
+        out["sample_cpu"].append(c3 - c2)
         out["tcp_floor"].append(t1 - t0)
         out["floor"].append(t2 - t1)
         out["sample"].append(t3 - t2)

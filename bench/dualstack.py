@@ -159,6 +159,7 @@ def measure_case(size, remotes, mix, trees, reps, samples, parts=False, rounds=1
                 return med(a / b for a, b in zip(timing[part], timing[base]))
             row["trees"][name] = {
                 "tcp_ratio": paired("tcp", "tcp_floor"), "sample_ratio": paired("sample", "floor"),
+                "sample_cpu_ratio": paired("sample_cpu", "floor_cpu"),
                 "tcp_ratio_unmarked": paired("tcp", "tcp_floor_unmarked"),
                 "plain_ratio": paired("tcp_plain", "tcp_floor"),
                 "tcp_floor": med(timing["tcp_floor"]), "floor": med(timing["floor"]),
@@ -186,7 +187,7 @@ def measure_case(size, remotes, mix, trees, reps, samples, parts=False, rounds=1
 def table(rows, names):
     head = ["sockets", "IPv6", "distinct (state, remote)"]
     for name in names:
-        head += [f"{name}: default sample / floor",
+        head += [f"{name}: default sample / floor (CPU time / floor's)",
                  f"{name}: tcp view / TCP floor (/ floor without the mark)",
                  f"{name}: exporter process, tcp / TCP floor", f"{name}: peak RSS"]
     head += ["tcp view without per-remote / TCP floor"]
@@ -195,7 +196,8 @@ def table(rows, names):
         cells = [f"{r['sockets']:,}", f"{r['mix']}%", f"{r['distinct']:,}"]
         for name in names:
             t = r["trees"][name]
-            cells += [f"{t['sample'] * 1e3:.1f} / {t['floor'] * 1e3:.1f} ms: {t['sample_ratio']:.2f}",
+            cells += [f"{t['sample'] * 1e3:.1f} / {t['floor'] * 1e3:.1f} ms: {t['sample_ratio']:.2f}"
+                      f" (CPU {t['sample_cpu_ratio']:.2f})",
                       f"{t['tcp'] * 1e3:.1f} / {t['tcp_floor'] * 1e3:.1f} ms: {t['tcp_ratio']:.2f}"
                       f" ({t['tcp_ratio_unmarked']:.2f})",
                       f"{t['exporter_tcp'] * 1e3:.1f} ms = {t['exporter_tcp'] / t['tcp_floor']:.2f}",
