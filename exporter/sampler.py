@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import aggregate
+from .sources.netns import libc
 from .sources.sockets import SocketReader
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ def keep_freed_memory() -> None:
     budget counts anyway. Not glibc (musl has no such knobs): nothing to do.
     """
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+        mallopt = libc.mallopt
+    except AttributeError:
         return
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
