@@ -411,6 +411,28 @@ def test_min_connections_keeps_a_random_source_flood_in_other():
     assert len({a for (s, a) in summarize(rows).remote.remote if s == "SYN_RECV"}) == 21
 
 
+def test_an_incumbent_below_the_minimum_holds_no_place_a_qualifying_remote_needs():
+    """--remote.min-connections applies before the ranking. A remote shown last sample that
+    fell below the minimum must not keep, on its hysteresis bonus, the one place that a
+    remote with enough connections then cannot take. (Found in review: the place stayed
+    empty for a sample and the qualifying remote's connections went to OTHER, in the flood
+    the minimum exists for.) The same holds for client TIME_WAIT destinations."""
+    first = summarize([(E, "10.0.0.1", 443)] * 3 + [(TW, "10.0.0.1", 40000)] * 3,
+                      top=1, min_connections=2)
+    assert first.remote.remote[("ESTABLISHED", "10.0.0.1")] == 3
+    assert dict(first.remote.client_time_wait) == {"10.0.0.1:1234": 3, OTHER: 0}
+    rows = ([(E, "10.0.0.1", 443)] + [(E, "10.0.0.2", 443)] * 2
+            + [(TW, "10.0.0.1", 40000)] + [(TW, "10.0.0.2", 40001)] * 2)
+    second = summarize(rows, previous=first, top=1, min_connections=2)
+    assert {k: v for k, v in second.remote.remote.items() if k[0] == "ESTABLISHED"} == {
+        ("ESTABLISHED", "10.0.0.2"): 2, ("ESTABLISHED", OTHER): 1}
+    assert dict(second.remote.client_time_wait) == {"10.0.0.2:1234": 2, OTHER: 1}
+    # and the incumbent keeps its place while it still qualifies, against a close newcomer
+    rows = [(E, "10.0.0.1", 443)] * 2 + [(E, "10.0.0.2", 443)] * 2
+    assert summarize(rows, previous=first, top=1, min_connections=2).remote.remote[
+        ("ESTABLISHED", "10.0.0.1")] == 2
+
+
 @settings(max_examples=100, deadline=None)
 @given(rows=st.lists(st.tuples(st.sampled_from(STATES), PEERS, st.just(443)), max_size=60),
        bits=st.sampled_from([1, 2, 3, 10]), batches=st.integers(1, 6),

@@ -16,8 +16,11 @@ HYSTERESIS_RATIO = 1.1
 HYSTERESIS_MIN = 1
 
 
-def top_n(counts: Mapping, n: int, incumbents: frozenset = frozenset()) -> list[tuple]:
-    """Pick n keys by count, keeping the previous members unless clearly beaten.
+def top_n(counts: Mapping, n: int, incumbents: frozenset = frozenset(),
+          minimum: int = 1) -> list[tuple]:
+    """Pick n keys by count, keeping the previous members unless clearly beaten; only keys
+    with at least `minimum` compete (before the ranking: an incumbent that fell below it
+    must not hold a place a qualifying key then cannot take).
 
     Worked example, n=1: counts {a: 10, b: 11}, incumbents {a}: a scores 10 * 1.1 + 1 = 12 and
     stays; with b at 13 instead, b takes the place. Keys must be orderable (ties: lower key).
@@ -26,7 +29,8 @@ def top_n(counts: Mapping, n: int, incumbents: frozenset = frozenset()) -> list[
         key, count = item
         bonus = count * HYSTERESIS_RATIO + HYSTERESIS_MIN if key in incumbents else count
         return (-bonus, key not in incumbents, key)
-    ranked = sorted(((k, c) for k, c in counts.items() if c > 0), key=score)[:max(0, n)]
+    least = max(1, minimum)
+    ranked = sorted(((k, c) for k, c in counts.items() if c >= least), key=score)[:max(0, n)]
     return sorted(ranked, key=lambda kc: (-kc[1], kc[0]))
 
 

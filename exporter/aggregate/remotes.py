@@ -341,11 +341,12 @@ class RemoteCounts:
     def _rows(self, state: int) -> slice:
         return slice(*np.searchsorted(self.state, [state, state + 1]).tolist())
 
-    def top(self, states: Iterable[int], n: int,
-            incumbents: frozenset = frozenset()) -> list[tuple[RemoteKey, int]]:
+    def top(self, states: Iterable[int], n: int, incumbents: frozenset = frozenset(),
+            minimum: int = 1) -> list[tuple[RemoteKey, int]]:
         """The n remotes with most connections over `states` (summed), largest first; ties go
         to IPv4, then to the lower address; `incumbents` (the previous top) get the
-        hysteresis advantage."""
+        hysteresis advantage; only remotes with at least `minimum` connections compete (the
+        n largest hold every one that does)."""
         parts = [self._rows(int(s)) for s in sorted(set(states))]
         hi, lo, count = (np.concatenate([column[p] for p in parts]) if len(parts) != 1
                          else column[parts[0]] for column in (self.hi, self.lo, self.count))
@@ -362,7 +363,7 @@ class RemoteCounts:
                 found = int(count[hit[0]]) if len(hit) else 0
             if found:
                 held[key] = found
-        return top_n({**pool, **held}, n, frozenset(held))
+        return top_n({**pool, **held}, n, frozenset(held), minimum)
 
     def _key(self, hi, lo) -> RemoteKey:
         value = _value(int(hi), int(lo))
@@ -613,8 +614,7 @@ class RemoteAccumulator:
         for state in REMOTE_STATES:
             name = NETSTAT_STATES[state]
             before = previous.members.get(name, frozenset()) if previous else frozenset()
-            chosen[name] = [(key, count) for key, count in counts.top((state,), opts.top, before)
-                            if count >= opts.min_connections]
+            chosen[name] = counts.top((state,), opts.top, before, opts.min_connections)
         ports = sorted(set(listening_ports))
         by_port = self._by_port(ports)  # [state, position in ports]
         column = {port: i for i, port in enumerate(ports)}
@@ -685,8 +685,8 @@ class RemoteAccumulator:
             key = (RemoteKey(4, value & 0xFFFFFFFF, 32) if value >> 32 == 0xFFFF
                    else RemoteKey(6, value, 128))
             destinations[(key, int(rport[row]))] = count
-        shown = [dest for dest, count in top_n(destinations, self.options.top, incumbents)
-                 if count >= self.options.min_connections]
+        shown = [dest for dest, _count in top_n(destinations, self.options.top, incumbents,
+                                                self.options.min_connections)]
         out = {}
         for key, port in shown:
             text = key.text(self.options.mask_key)
