@@ -450,6 +450,36 @@ def test_counting_over_batches_and_tiny_tables_changes_nothing(rows, bits, batch
         assert counts.top((state,), 1 << 40) == ranked(expected[state])
 
 
+def test_keys_that_differ_only_where_the_tag_makes_up_for_it_are_placed_in_a_few_rounds():
+    """(hi, c - t, t) for every tag t: with the tag added to lo alike in every round they all
+    shared one bucket in every round, and a thirteenth could never be placed (the tables then
+    grew until memory ran out; found in review). The tag now enters differently per round."""
+    from exporter.aggregate import remotes
+    tag = np.arange(256, dtype=np.uint8)
+    hi = np.full(256, 7, dtype=np.uint64)
+    lo = np.uint64(1 << 40) - tag.astype(np.uint64)
+    counter = remotes.KeyCounter()
+    counter.add(hi, lo, tag)
+    counter.add(hi[::-1].copy(), lo[::-1].copy(), tag[::-1].copy())
+    assert counter.items()[3].tolist() == [2] * 256
+    assert len(counter._tables) <= 3
+    rows, counts = remotes.count_keys(hi, lo, tag)
+    assert sorted(rows.tolist()) == list(range(256)) and counts.tolist() == [1] * 256
+
+
+def test_keys_the_hash_cannot_separate_fail_the_read_instead_of_growing_without_bound():
+    """Never expected (see the test above), but bounded: keys that share a bucket in every
+    round at every size make the map give up with an error, not ask for gigabytes."""
+    from exporter.aggregate import remotes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(remotes, "_buckets", lambda hi, *_args: np.zeros(len(hi), dtype=np.intp))
+        counter = remotes.KeyCounter()
+        with pytest.raises(RuntimeError, match="share a bucket in every round"):
+            counter.add(np.arange(13, dtype=np.uint64), np.zeros(13, dtype=np.uint64),
+                        np.zeros(13, dtype=np.uint8))
+        assert counter._bits <= 16
+
+
 @settings(max_examples=200, deadline=None)
 @given(batches=st.lists(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5),
                                            st.integers(0, 2), st.integers(0, 4)),

@@ -116,6 +116,7 @@ def _key_masks(options) -> tuple[int, int, int, int]:
 _ROUNDS = ((0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F), (0xD6E8FEB86659FD93, 0xA0761D6478BD642F),
            (0x8EBC6AF09C88C6E3, 0x589965CC75374CC3), (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53))
 _MAX_ROUNDS = 12
+_TAG_MIX, _U64 = 0x9E3779B97F4A7C15, (1 << 64) - 1  # the tag's multiplier (odd), per round
 _LARGE = 1 << 17  # count_keys gives larger inputs 2-4 slots per row, not 4-8 (memory)
 _MIN_TABLE_BITS = 10  # KeyCounter's smallest table: 1024 slots (tests make it tiny)
 
@@ -123,11 +124,14 @@ _MIN_TABLE_BITS = 10  # KeyCounter's smallest table: 1024 slots (tests make it t
 def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
              bits: int) -> np.ndarray:
     """Each key's bucket in a table of 2**bits for this round, as intp: the top bits of
-    hi * c1 ^ (lo + tag) * c2, which every bit of hi and lo reaches (multiplicative
-    hashing). The tag enters through lo's low bits: at worst a collision, which the full
-    comparison catches."""
+    hi * c1 ^ (lo + tag * k) * c2, which every bit of hi and lo reaches (multiplicative
+    hashing). k is odd and differs from round to round: with the same k in every round, the
+    keys (hi, c - t, t) for every tag t shared a bucket in all of them (found in review),
+    and a thirteenth such key could never be placed; now two keys with one hi agree on
+    lo + tag * k in one round at most."""
     c_hi, c_lo = _ROUNDS[round_ % len(_ROUNDS)]
-    bucket = np.add(lo, tag, dtype=np.uint64)
+    bucket = np.multiply(tag, np.uint64(_TAG_MIX * (2 * round_ + 1) & _U64), dtype=np.uint64)
+    bucket += lo
     if round_ >= len(_ROUNDS):  # past the table of multipliers: shift the input instead
         bucket += np.uint64(round_ // len(_ROUNDS))
     bucket *= np.uint64(c_lo)
@@ -298,6 +302,11 @@ class KeyCounter:
             placed[free] = table[bucket[free]] == keys[free]
             keys = keys[~placed]
         if len(keys):  # practically never: rebuild larger, with other buckets for everyone
+            if self._bits > (8 * max(self.size, 256) - 1).bit_length() + 4:
+                # 128 slots per key and still no room: the keys defeat the hash; fail the
+                # read rather than grow the tables until memory runs out
+                raise RuntimeError(f"remote key map: {len(keys)} keys share a bucket in "
+                                   f"every round of a table of 2**{self._bits}")
             self._bits += 2
             self._tables = []
             self._place(np.arange(self.size))
