@@ -143,7 +143,8 @@ def _buckets(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray, round_: int,
 def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (tag, hi, lo) keys: (index of one row holding each, its count or summed
-    weight), in no particular order. Exact: every row is compared with the row that won its
+    weight), in no particular order; weights are summed in float64, exact while a key's sum
+    stays below 2**53 (socket counts, the only weights passed, always do). Exact: every row is compared with the row that won its
     bucket, in full; rows of other keys go round again with another hash, and the few left
     after _MAX_ROUNDS are sorted.
 
@@ -228,7 +229,8 @@ class KeyCounter:
 
     def add(self, hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
             weights: np.ndarray | None = None) -> None:
-        """Count each row once (or by its weight: non-negative integers)."""
+        """Count each row once (or by its weight: non-negative integers whose sums stay below
+        2**53, as socket counts do: bincount adds weights in float64)."""
         rows = np.arange(len(hi))
         new = []
         for round_, table in enumerate(self._tables):
