@@ -291,3 +291,14 @@ def test_receive_hands_over_every_datagram_up_to_the_end_and_nothing_after(datag
     assert end in ("appended", "alone")
     assert b"".join(got) == b"".join(datagrams)
     assert sock.datagrams == after
+
+
+def test_a_headers_type_and_flags_word_is_read_in_host_order():
+    """The fast paths compare a header's second word as one uint32: it must be the word a
+    header packed in host order reads as, on either byte order (s390x is big-endian)."""
+    header = sockdiag.NLMSGHDR.pack(88, sockdiag.TCPDIAG_GETSOCK, sockdiag.NLM_F_MULTI, SEQ, 0)
+    assert int(np.frombuffer(header, dtype=np.uint32)[1]) == sockdiag._type_flags(
+        sockdiag.TCPDIAG_GETSOCK, sockdiag.NLM_F_MULTI)
+    done_header = sockdiag.NLMSGHDR.pack(20, sockdiag.NLMSG_DONE, sockdiag.NLM_F_MULTI, SEQ, 0)
+    assert int(np.frombuffer(done_header, dtype=np.uint32)[1]) == sockdiag._type_flags(
+        sockdiag.NLMSG_DONE, sockdiag.NLM_F_MULTI)

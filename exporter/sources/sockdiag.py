@@ -254,6 +254,13 @@ def _check_datagram(buf, start: int, size: int, seq: int, what: str = "sock_diag
     return length == 20 and msg_type == NLMSG_DONE and msg_seq == seq
 
 
+def _type_flags(msg_type: int, flags: int) -> int:
+    """A header's second word (nlmsg_type, then nlmsg_flags, each host order) as it reads as
+    one native uint32: type | flags << 16 on a little-endian host, type << 16 | flags on a
+    big-endian one (s390x)."""
+    return int(np.frombuffer(struct.pack("=HH", msg_type, flags), dtype=np.uint32)[0])
+
+
 def _message_starts(words: np.ndarray, seq: int) -> np.ndarray:
     """Word index of every message header in a buffer of back-to-back messages.
 
@@ -289,7 +296,7 @@ def data_messages(data: memoryview | bytes, seq: int, msg_type: int, what: str):
     starts = _message_starts(words, seq)
     # A data message's type and flags word is exactly (msg_type, NLM_F_MULTI): only the
     # others (NLMSG_DONE at the end, an error, an interrupted dump) are looked at closely.
-    odd = np.flatnonzero(words[starts + 1] != (msg_type | NLM_F_MULTI << 16))
+    odd = np.flatnonzero(words[starts + 1] != _type_flags(msg_type, NLM_F_MULTI))
     if not len(odd):
         return words, halves, starts
     odd_starts = starts[odd]
@@ -342,7 +349,8 @@ def _run_columns(data, words: np.ndarray, seq: int, msg_type: int) -> dict | Non
     the buffer from memory, and every column comes out contiguous.
     """
     end = len(words)
-    data_word = msg_type | NLM_F_MULTI << 16
+    data_word = _type_flags(msg_type, NLM_F_MULTI)
+    done_word = _type_flags(NLMSG_DONE, NLM_F_MULTI)
     raw = np.frombuffer(data, dtype=np.uint8)
     limit = 4 * end // _MIN_MSG_LEN  # no more messages than this fit
     out = {name: np.empty(limit, dtype=kind) for name, _offset, kind in _COLUMNS}
@@ -354,7 +362,7 @@ def _run_columns(data, words: np.ndarray, seq: int, msg_type: int) -> dict | Non
         length = int(words[i])
         if int(words[i + 1]) != data_word or int(words[i + 2]) != seq:
             # the end of the dump: NLMSG_DONE with no other flag (NLM_F_DUMP_INTR!), errno 0
-            if (length == 20 and int(words[i + 1]) == NLMSG_DONE | NLM_F_MULTI << 16
+            if (length == 20 and int(words[i + 1]) == done_word
                     and i + 5 == end and int(words[i + 2]) == seq and int(words[i + 4]) == 0):
                 break
             return None
