@@ -65,6 +65,20 @@ def test_owners_from_a_fake_proc(tmp_path):
             sum(1 for s in states if NETSTAT_STATES.get(s) == state)
 
 
+def test_a_program_name_is_read_byte_for_byte(tmp_path):
+    """comm is any bytes but NUL, and the kernel adds one "\n": a "\r" or "\n" of the name
+    stays (read with universal newlines, "web\rnginx" became "web\nnginx" and "sshd\r"
+    merged with "sshd"; found in review)."""
+    names = ["web\rnginx", "sshd\r", "sshd", "two\n", "caf\udcc3"]
+    root = fake_proc(tmp_path, {10 + i: (name, [f"socket:[{100 + i}]"])
+                                for i, name in enumerate(names[:-1])})
+    (root / "14" / "fd").mkdir(parents=True)
+    (root / "14" / "comm").write_bytes(b"caf\xc3\n")  # not UTF-8
+    os.symlink("socket:[104]", root / "14" / "fd" / "0")
+    owners = processes.read(str(root))
+    assert [owners.programs[i] for i in owners.program] == names
+
+
 def test_reserved_names_do_not_merge_with_buckets_or_each_other(tmp_path):
     # every name a process may take that looks like a bucket or a renamed bucket (comm is
     # at most 15 bytes: "other (program)" and "none (a progra" are legal ones)

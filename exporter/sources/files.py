@@ -85,8 +85,10 @@ class _Text(io.TextIOWrapper):
 def open_text(path: str, limit: int = SMALL) -> TextIO:
     """A text stream over a /proc or /sys file, for parsers that go line by line; opening
     errors (ENOENT: an optional file is absent) are raised here, at the call."""
+    # newline="\n": lines end at "\n" only, as the kernel writes them; a "\r" in a name it
+    # prints (a program's comm, an interface) is part of the name, not a line break
     return _Text(io.BufferedReader(_open(path, limit)), encoding="utf-8",
-                 errors="surrogateescape")
+                 errors="surrogateescape", newline="\n")
 
 
 def read_text(path: str, limit: int = SMALL) -> str:

@@ -46,7 +46,8 @@ def read(procfs: str = "/proc") -> SocketOwners:
     for pid in pids:
         base = os.path.join(procfs, str(pid))
         try:
-            name = files.read_text(os.path.join(base, "comm"), 64).rstrip("\n") or "?"
+            name = files.read_text(os.path.join(base, "comm"), 64)
+            name = (name[:-1] if name.endswith("\n") else name) or "?"  # the one it adds
             links = []
             with os.scandir(os.path.join(base, "fd")) as fds:
                 for fd in fds:
