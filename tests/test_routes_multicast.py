@@ -9,7 +9,7 @@ import pytest
 
 from exporter.views import build_registry
 from exporter.sampler import Sampler, SocketReader
-from exporter.sources import multicast, routes
+from exporter.sources import interfaces, multicast, routes
 from tests.kernel import veth_pair
 
 
@@ -82,6 +82,39 @@ def test_routes_and_groups_live(netns_factory):
         assert any(line.split()[0] == "veth-a" for line in out.splitlines()[1:])
     finally:
         member.close()
+
+
+@pytest.mark.netns
+def test_device_names_with_what_python_calls_whitespace(netns):
+    """The kernel takes any byte but NUL, "/", ":" and ASCII space in a device name; Python's
+    str.split() also splits at \x1c-\x1f and U+0085 (a route was read as its neighbour's,
+    /proc/net/dev saw one device twice, igmp failed: found in review)."""
+    odd, other = "odd\x1f00000000", "x\u0085"
+    netns.ip("link", "add", odd, "type", "veth", "peer", "name", other)
+    netns.ip("addr", "add", "10.9.0.1/24", "dev", odd)
+    netns.ip("-6", "addr", "add", "fd00:9::1/64", "dev", odd, "nodad")
+    for dev in (odd, other):
+        netns.ip("link", "set", dev, "up")
+    netns.ip("route", "add", "default", "via", "10.9.0.2", "dev", odd)
+    # printed with no device and RTF_UP alone, like a usable route: it is not one
+    netns.ip("route", "add", "blackhole", "default", "metric", "500")
+    with netns.entered():
+        member = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        mreq = struct.pack("4s4s", socket.inet_aton("239.1.2.3"), socket.inet_aton("10.9.0.1"))
+        member.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        try:
+            found = routes.read("/proc/thread-self")
+            groups = multicast.read("/proc/thread-self")
+            devices = interfaces.read_table("/proc/thread-self")
+        finally:
+            member.close()
+    default = [r for r in found if r.family == socket.AF_INET and r.is_default]
+    assert [(r.device, r.gateway) for r in default] == [(odd, "10.9.0.2")]
+    assert {r.device for r in found} >= {odd}
+    assert multicast.Membership(socket.AF_INET, odd, "239.1.2.3", 1) in groups
+    assert any(g.family == socket.AF_INET6 and g.device == odd for g in groups)
+    assert set(devices.counters) == {"lo", odd, other}
+    assert devices.links[other].mtu == 1500
 
 
 def test_missing_route_table_fails_and_ipv6_is_optional(tmp_path):

@@ -22,6 +22,7 @@ LARGE = 256 << 20  # socket tables and routing tables: a million rows and then s
 MAX_LINE = 64 << 10  # the longest line the kernel writes here is a few KB (TcpExt's header)
 MAX_U64 = (1 << 64) - 1
 _DIGITS = re.compile(r"-?[0-9]{1,20}")
+_GAP = re.compile(r"[ \t]+")
 
 
 class _Bounded(io.FileIO):
@@ -94,6 +95,15 @@ def open_text(path: str, limit: int = SMALL) -> TextIO:
 def read_text(path: str, limit: int = SMALL) -> str:
     with open_text(path, limit) as stream:
         return stream.read()
+
+
+def fields(line: str) -> list[str]:
+    """A line's fields, split where the kernel puts space: runs of spaces and tabs only. An
+    interface name may hold any byte but NUL, "/", ":" and ASCII space, and str.split()
+    also splits at \x1c-\x1f, U+0085, U+00A0, U+2000... (a device "eth0\x1f1" became
+    two fields, and a route its neighbour's; found in review)."""
+    line = line.strip(" \t\n")
+    return _GAP.split(line) if line else []
 
 
 def integer(text: str, where: str, minimum: int = 0, maximum: int = MAX_U64) -> int:

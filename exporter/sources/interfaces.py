@@ -37,14 +37,15 @@ def parse(lines: Iterable[str], name: str = "?") -> dict[str, dict[str, int]]:
                 raise InterfacesParseError(f"{name}:{lineno}: not a /proc/net/dev header: {line.rstrip()!r}")
             continue
         device, sep, rest = line.partition(":")
-        values = rest.split()
-        if not sep or not device.strip() or len(values) != len(COLUMNS):
+        device = device.strip(" ")  # "%6s:": padded with spaces only (a name holds none)
+        values = files.fields(rest)
+        if not sep or not device or len(values) != len(COLUMNS):
             raise InterfacesParseError(f"{name}:{lineno}: expected 'device: {len(COLUMNS)} counters': "
                                        f"{line.rstrip()!r}")
-        if device.strip() in devices:  # two lines for one device: which one is true?
-            raise InterfacesParseError(f"{name}:{lineno}: device {device.strip()!r} appears twice")
+        if device in devices:  # two lines for one device: which one is true?
+            raise InterfacesParseError(f"{name}:{lineno}: device {device!r} appears twice")
         try:
-            devices[device.strip()] = {column: files.integer(value, f"{name}:{lineno}: {column}")
+            devices[device] = {column: files.integer(value, f"{name}:{lineno}: {column}")
                                        for column, value in zip(COLUMNS, values)}
         except ValueError as exc:
             raise InterfacesParseError(f"counters must be integers: {exc}") from None

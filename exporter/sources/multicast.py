@@ -37,19 +37,19 @@ class Membership:
 def parse_igmp(lines: Iterable[str], name: str = "?") -> Iterator[Membership]:
     device = None
     for lineno, line in enumerate(lines, start=1):
-        if lineno == 1 or not line.strip():
+        if lineno == 1 or not line.strip(" \t\n"):
             continue
         try:
-            if not line[0].isspace():  # "1\tlo        :     1      V3"
+            if line[0] not in " \t":  # "1\tlo        :     1      V3"
                 head, sep, _rest = line.partition(":")
-                parts = head.split()
+                parts = files.fields(head)
                 if not sep or len(parts) != 2:
                     raise ValueError("expected 'index device :'")
                 device = parts[1]
                 continue
             if device is None:
                 raise ValueError("group before any device")
-            fields = line.split()
+            fields = files.fields(line)
             raw = int(fields[0], 16).to_bytes(4, sys.byteorder)
             yield Membership(socket.AF_INET, device, socket.inet_ntop(socket.AF_INET, raw),
                              int(fields[1]))
@@ -59,7 +59,7 @@ def parse_igmp(lines: Iterable[str], name: str = "?") -> Iterator[Membership]:
 
 def parse_igmp6(lines: Iterable[str], name: str = "?") -> Iterator[Membership]:
     for lineno, line in enumerate(lines, start=1):
-        fields = line.split()
+        fields = files.fields(line)
         if not fields:
             continue
         try:

@@ -38,7 +38,12 @@ class Route:
 
     @property
     def is_default(self) -> bool:
-        """A usable default route (the kernel also lists an unreachable ::/0 null entry)."""
+        """A usable default route. The kernel also lists an unreachable ::/0 null entry
+        (RTF_REJECT), and prints an IPv4 blackhole or throw default with no device ("*")
+        and RTF_UP alone, as if usable (found in review); a device really named "*" is
+        taken for one of those."""
+        if self.family == socket.AF_INET and self.device == "*":
+            return False
         return self.prefix == 0 and self.flags & RTF_UP and not self.flags & RTF_REJECT
 
 
@@ -49,7 +54,7 @@ def _ipv4(word: str) -> str:
 
 def parse_ipv4(lines: Iterable[str], name: str = "?") -> Iterator[Route]:
     for lineno, line in enumerate(lines, start=1):
-        fields = line.split()
+        fields = files.fields(line)
         if lineno == 1:
             if not fields or fields[0] != "Iface":
                 raise RoutesParseError(f"{name}:1: not a route table header: {line.rstrip()!r}")
@@ -57,7 +62,7 @@ def parse_ipv4(lines: Iterable[str], name: str = "?") -> Iterator[Route]:
         if not fields:
             continue
         try:
-            if len(fields) < 11:
+            if len(fields) != 11:
                 raise ValueError("expected 11 columns")
             mask = int(fields[7], 16)
             yield Route(family=socket.AF_INET, device=fields[0], destination=_ipv4(fields[1]),
@@ -71,7 +76,7 @@ def parse_ipv6(lines: Iterable[str], name: str = "?") -> Iterator[Route]:
     """"fd00...0000 40 0000... 00 0000... 00000100 00000001 00000000 00000001 eth0"
     -> destination fd00::/64 via :: on eth0, metric 256, flags RTF_UP."""
     for lineno, line in enumerate(lines, start=1):
-        fields = line.split()
+        fields = files.fields(line)
         if not fields:
             continue
         try:
