@@ -105,6 +105,16 @@ def test_container_and_pod_labels_from_cgroups(cgroup, label):
     assert container_label(cgroup) == label
 
 
+def test_a_namespace_named_other_is_not_the_bucket():
+    """`ip netns add other`: its label merged with the bucket of the rest (found in review)."""
+    per = {"other": counts(ESTABLISHED=50), "a": counts(ESTABLISHED=5),
+           "b": counts(ESTABLISHED=7)}
+    one = summarize_namespaces(per, top=1).connections
+    assert (one[("netns/other", "ESTABLISHED")], one[(OTHER, "ESTABLISHED")]) == (50, 12)
+    five = summarize_namespaces(per, top=5).connections
+    assert (five[("netns/other", "ESTABLISHED")], five[(OTHER, "ESTABLISHED")]) == (50, 0)
+
+
 def test_one_failing_namespace_leaves_the_others_counted():
     per = {"a": counts(ESTABLISHED=2)}
     summary = summarize_namespaces(per, top=5, failed=1)

@@ -117,6 +117,26 @@ def test_device_names_with_what_python_calls_whitespace(netns):
     assert devices.links[other].mtu == 1500
 
 
+def test_routes_per_device_are_ranked_with_the_rest_in_other():
+    """A Calico node: a /32 per pod via its cali* device, and eth0 with the default. Cut at
+    256 devices by name, eth0 went missing and the sum fell short (found in review)."""
+    from exporter.collectors.network import RoutesCollector
+    found = [routes.Route(socket.AF_INET, f"cali{i:011x}", f"10.1.{i // 250}.{i % 250}", 32,
+                          "0.0.0.0", 5, 0) for i in range(300)]
+    found += [routes.Route(socket.AF_INET, "eth0", "0.0.0.0", 0, "192.168.1.1", 3, 0),
+              routes.Route(socket.AF_INET, "eth0", "192.168.1.0", 24, "0.0.0.0", 1, 0),
+              routes.Route(socket.AF_INET6, "other", "fd00::", 64, "::", 1, 256),
+              routes.Route(socket.AF_INET6, "other", "fe80::", 64, "::", 1, 256)]
+    metrics = {m.name: m for m in RoutesCollector().collect(None, found)}
+    samples = {(s.labels["family"], s.labels["device"]): s.value
+               for s in metrics["netstat_routes"].samples}
+    assert len(samples) == 256 + 1
+    assert sum(samples.values()) == len(found)
+    assert samples[("ipv4", "eth0")] == 2
+    assert samples[("ipv6", "other (a device)")] == 2
+    assert samples[("ipv4", "other")] == 300 - 254  # 254 cali* devices fit beside the two
+
+
 def test_missing_route_table_fails_and_ipv6_is_optional(tmp_path):
     (tmp_path / "net").mkdir()
     sampler = Sampler(SocketReader("proc", procfs=str(tmp_path)), collectors=["routes", "multicast"])

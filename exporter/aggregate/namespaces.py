@@ -21,11 +21,19 @@ class NetnsSummary:
     failed: int = 0  # namespaces whose read failed (the others are still counted)
 
 
+# A namespace named like the bucket (`ip netns add other`) gets this label: a netns name
+# holds no "/", so no real namespace is ever called this (found in review: the two merged).
+RENAMED_NAMESPACE = "netns/other"
+
+
 def summarize_namespaces(per_namespace: Mapping[str, Mapping[str, int]], top: int,
                          unreadable: int = 0,
                          previous: "NetnsSummary | None" = None,
                          failed: int = 0) -> NetnsSummary:
     """per_namespace: name -> state -> count (every state present)."""
+    if OTHER in per_namespace:
+        per_namespace = {(RENAMED_NAMESPACE if name == OTHER else name): counts
+                         for name, counts in per_namespace.items()}
     shown, other = top_with_remainder(per_namespace, top,
                                       previous.members if previous else frozenset())
     connections = {}
