@@ -122,6 +122,33 @@ def test_one_failing_namespace_leaves_the_others_counted():
 
 
 @pytest.mark.netns
+def test_a_holder_whose_pid_is_taken_over_is_not_read(netns_factory, tmp_path, monkeypatch):
+    """Between finding a namespace by its holder's /proc/PID/ns/net and entering it, the
+    holder may exit and a process of another namespace (the host's) take its pid: the walk
+    must not read that one under the first one's label (found in review)."""
+    import os
+    from exporter.sources import netns as netns_source
+    a = netns_factory()
+    (tmp_path / "4242" / "ns").mkdir(parents=True)
+    (tmp_path / "4242" / "cgroup").write_text("0::/\n")
+    (tmp_path / "4242" / "comm").write_text("holder\n")
+    link = tmp_path / "4242" / "ns" / "net"
+    os.symlink(f"/run/netns/{a.name}", link)
+    os.symlink("/proc/thread-self", tmp_path / "thread-self")  # our own: not walked
+    found_first = netns_source.discover
+
+    def discover(procfs, named_dirs=()):
+        found = found_first(procfs, ())
+        link.unlink()  # the holder exits; a host process takes pid 4242
+        os.symlink("/proc/self/ns/net", link)
+        return found
+    monkeypatch.setattr(netns_source, "discover", discover)
+    results, unreadable, errors = netns_source.walk(
+        str(tmp_path), lambda: os.stat("/proc/thread-self/ns/net").st_ino)
+    assert (results, unreadable, errors) == ([], 1, [])
+
+
+@pytest.mark.netns
 def test_walk_isolates_a_namespace_whose_read_fails(netns_factory):
     import errno
     from exporter.sources import netns as netns_source

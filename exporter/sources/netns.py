@@ -29,13 +29,18 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
 
 
 @contextlib.contextmanager
-def entered(path: str) -> Iterator[None]:
+def entered(path: str, inode: int | None = None) -> Iterator[None]:
     """Run the block inside the network namespace at `path` (e.g. /run/netns/NAME), then
-    return this thread to the namespace it was in."""
+    return this thread to the namespace it was in. With `inode`, only if `path` still leads
+    to that namespace (ProcessLookupError if not): /proc/PID/ns/net of a holder that exited
+    leads wherever a process that took its pid is (found in review: the host's sockets were
+    counted under a container's label)."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if inode is not None and os.fstat(target).st_ino != inode:
+                raise ProcessLookupError(errno.ESRCH, "the namespace found there is gone", path)
             setns(target)
         finally:
             os.close(target)
@@ -175,7 +180,7 @@ def walk(procfs: str, read: Callable[[], T]) -> tuple[list[tuple[str, T]], int, 
         try:
             for namespace in found:
                 try:
-                    with entered(namespace.path):
+                    with entered(namespace.path, namespace.inode):
                         results.append((namespace.name, read()))
                 except (PermissionError, FileNotFoundError, ProcessLookupError):
                     unreadable += 1
