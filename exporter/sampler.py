@@ -13,8 +13,7 @@ import ctypes
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -214,16 +213,17 @@ class Sampler:
             worker = self._workers[view.name] = ThreadPoolExecutor(
                 1, thread_name_prefix=f"read-{view.name}")
         future = worker.submit(view.read, self)
-        try:
-            return future.result(timeout=self.budget)
-        except FutureTimeout:
-            self._stuck[view.name] = (future, time.strftime(
-                "%H:%M:%S", time.localtime(self._wall_clock() - self.budget)))
-            # the blocked read keeps its buffer: the others get a fresh one
-            self.reader.buffer = bytearray(len(self.reader.buffer))
-            self._workers.pop(view.name).shutdown(wait=False)
-            raise Blocked(f"no answer within {self.budget:g}s; reported failed until it "
-                          f"returns") from None
+        # wait(), not result(timeout): on Python 3.11 the futures' TimeoutError is the
+        # built-in one, which a read raises itself when the kernel stops answering
+        # (SO_RCVTIMEO): that read failed, it is not blocked (found in review)
+        if wait((future,), timeout=self.budget).done:
+            return future.result()
+        self._stuck[view.name] = (future, time.strftime(
+            "%H:%M:%S", time.localtime(self._wall_clock() - self.budget)))
+        # the blocked read keeps its buffer: the others get a fresh one
+        self.reader.buffer = bytearray(len(self.reader.buffer))
+        self._workers.pop(view.name).shutdown(wait=False)
+        raise Blocked(f"no answer within {self.budget:g}s; reported failed until it returns")
 
     def _update_peaks(self, now: float, results: Mapping[str, SourceResult]) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -329,3 +329,20 @@ def test_the_fast_lane_waits_while_a_sample_reads_every_state():
         release.set()
         sampler.stop(timeout=5)
     assert during <= 1  # a tick already under way when the sample began may finish
+
+
+def test_a_read_that_times_out_by_itself_failed_it_is_not_blocked(tmp_path):
+    """A dump raises TimeoutError when the kernel stops answering (SO_RCVTIMEO). On Python
+    3.11 that is the futures' TimeoutError too: the watchdog took it for its own, reported
+    the view blocked, replaced the buffer and dropped the worker (found in review)."""
+    def read(_ctx):
+        raise TimeoutError(errno.ETIMEDOUT, "sock_diag dump: the kernel stopped answering")
+    view = dataclasses.replace(BY_NAME["snmp"], read=read)
+    sampler = Sampler(SocketReader("proc", procfs=str(tmp_path)), views=(view,), budget=30,
+                      interval=15)
+    buffer = sampler.reader.buffer
+    snapshot = sampler.sample_once()
+    assert not snapshot.results["snmp"].ok
+    assert "the kernel stopped answering" in snapshot.results["snmp"].error
+    assert snapshot.blocked == frozenset() and sampler.reader.buffer is buffer
+    assert sampler.sample_once().blocked == frozenset()  # read again, not "still blocked"
