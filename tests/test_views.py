@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from prometheus_client.core import GaugeMetricFamily
 
 from exporter import config, views
@@ -126,3 +127,20 @@ def test_names_reach_the_terminal_escaped(name, shown):
         programs=SimpleNamespace(connections={("ESTABLISHED", name): 3})))})
     out = tables.programs(snapshot, SimpleNamespace(json=False))
     assert out == f"      3 {shown} ESTABLISHED" and "\x1b" not in out
+
+
+@settings(max_examples=500, deadline=None)
+@given(names=st.lists(st.text(alphabet="ax9e\\é\udce9\udc80\x07", max_size=6), min_size=2,
+                      max_size=2, unique=True))
+def test_label_values_are_valid_utf8_and_two_names_never_share_one(names):
+    """Any two names (with bytes that are not UTF-8, kept as surrogates) give two label
+    values: with backslashes left as they were, "a\\udce9" and a literal "a\\\\xe9" were one
+    label, and a sample had two series with one label set (found in review)."""
+    from exporter.collectors.base import label_text
+    first, second = (label_text(name) for name in names)
+    assert first != second
+    for name in names:
+        shown = label_text(name)
+        shown.encode("utf-8")  # no surrogate left
+        if shown != name:  # a program may be named what another's label reads
+            assert label_text(shown) != shown

@@ -23,11 +23,15 @@ class Family:
 
 def label_text(value) -> str:
     """Label values are always valid UTF-8: a byte that was not (kept by surrogateescape when
-    a device or program name was read) is shown as \\xNN. "v\udce90" -> "v\\xe90"."""
+    a device or program name was read) is shown as \\xNN, and so that no other name reads
+    the same, a backslash as \\\\. "v\udce90" -> "v\\xe90", "v\\xe90" -> "v\\\\xe90" (with
+    backslashes left alone, two programs made one label twice: two series with one label
+    set; found in review)."""
     text = str(value)
-    if text.isascii():
+    if text.isascii() and "\\" not in text:
         return text
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\\", "\\\\").encode("utf-8", "surrogateescape").decode(
+        "utf-8", "backslashreplace")
 
 
 def gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Family:
