@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from exporter.sampler import Sampler, SocketReader
-from exporter.sources import ctnetlink
+from exporter.sources import ctnetlink, sockdiag
 from exporter.views import build_registry
 from tests.conftest import unavailable
 from tests.kernel import wait_for
@@ -291,3 +292,55 @@ def test_nat_sources_share_the_series_budget(nat):
     sources = dict(tight.results["conntrack"].data.flows.nat_sources)
     assert list(sources) == ["other"] and sources["other"] >= 12
     assert tight.truncated_total["nat_sources"] == 1
+
+
+def _nla(kind, payload=b"", nested=False):
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind | (0x8000 if nested else 0)) + payload + b"\0" * (-size % 4)
+
+
+def _entry(attrs, family=socket.AF_INET, seq=7):
+    body = ctnetlink.NFGENMSG.pack(family, 0, 0) + attrs
+    return sockdiag.NLMSGHDR.pack(16 + len(body), 1 << 8, 2, seq, 0) + body
+
+
+def _orig(src="10.0.0.1", proto=6):
+    ip = _nla(1, _nla(1, socket.inet_aton(src)) + _nla(2, socket.inet_aton("10.0.0.9")), True)
+    return _nla(1, ip + _nla(2, _nla(1, bytes([proto])) + _nla(2, b"\0\x50"), True), True)
+
+
+TCP_INFO = _nla(4, _nla(1, _nla(1, b"\x03"), True), True)  # PROTOINFO { TCP { STATE 3 } }
+
+
+@pytest.mark.parametrize("data", [
+    _entry(_nla(1, b"", True)),  # an empty original tuple, last in the buffer
+    _entry(_nla(1, struct.pack("=HH", 8, 1 | 0x8000) + struct.pack("=HH", 4, 1), True))
+    + _entry(_orig()),  # an IP nest cut short: the next entry must not be read as its rest
+    _entry(_nla(1, _nla(1, _nla(1, socket.inet_aton("10.0.0.1")), True)
+                + _nla(2, _nla(1), True), True)),  # CTA_PROTO_NUM without its byte
+])
+def test_nested_attributes_must_lie_inside_their_parents(data):
+    """Found in review: these raised IndexError or read a header as the protocol number."""
+    with pytest.raises(sockdiag.DumpError):
+        ctnetlink.decode(data, 7)
+
+
+def test_a_tcp_entry_without_a_state_inside_its_protoinfo_has_none():
+    table = ctnetlink.decode(_entry(_orig() + _nla(4, b"", True)) + _entry(_orig() + TCP_INFO), 7)
+    assert table.state.tolist() == [ctnetlink.NO_STATE, 3]
+
+
+@given(st.data())
+@settings(max_examples=400, deadline=None)
+def test_any_nested_length_is_read_safely(data):
+    """A well-formed entry with two bytes anywhere past its header changed (a nested
+    attribute's length, a type, a value): the decoder raises OSError or decodes the one
+    entry, never an IndexError or more entries than there are."""
+    good = bytearray(_entry(_orig(proto=data.draw(st.sampled_from([6, 17]))) + TCP_INFO))
+    at = data.draw(st.integers(20, len(good) - 2))
+    good[at:at + 2] = struct.pack("=H", data.draw(st.integers(0, 80)))
+    try:
+        table = ctnetlink.decode(bytes(good), 7)
+    except OSError:
+        return
+    assert len(table) == 1

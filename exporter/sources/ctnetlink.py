@@ -115,33 +115,61 @@ def decode(data, seq: int) -> FlowTable:
     return _tuples(raw, words, halves, orig, info, status, raw[begin + 16])
 
 
+def _attr(halves, at):
+    """(length, type) of the attributes at byte offsets `at` (each header in the buffer)."""
+    return halves[at // 2].astype(np.int64), halves[at // 2 + 1] & NLA_TYPE_MASK
+
+
 def _tuples(raw, words, halves, orig, info, status, family) -> FlowTable:
-    # CTA_TUPLE_ORIG { CTA_TUPLE_IP { SRC, DST } CTA_TUPLE_PROTO { NUM, ... } }: the source
-    # is the IP nest's first attribute, the protocol number the proto nest's first.
+    """CTA_TUPLE_ORIG { CTA_TUPLE_IP { SRC, DST } CTA_TUPLE_PROTO { NUM, ... } }: the source
+    is the IP nest's first attribute, the protocol number the proto nest's first. Every
+    nested attribute must lie inside its parent before anything inside it is read (nests
+    were read unchecked: an empty one at the end of the buffer raised IndexError, a
+    zero-length CTA_PROTO_NUM read the next header as the protocol; found in review)."""
+    def layout(ok, what):
+        if not np.all(ok):
+            raise sockdiag.DumpError(errno.EPROTO, f"ctnetlink original tuple: {what}")
+    orig_end = orig + _attr(halves, orig)[0]  # inside the entry (decode checked)
     ip = orig + 4
+    layout(ip + 4 <= orig_end, "empty")
+    ip_len, ip_kind = _attr(halves, ip)
+    ip_end = ip + ip_len
     src = ip + 4
-    src_kind = halves[src // 2 + 1] & NLA_TYPE_MASK
-    proto = ip + ((halves[ip // 2].astype(np.int64) + 3) & ~3)
-    good = ((halves[ip // 2 + 1] & NLA_TYPE_MASK) == CTA_TUPLE_IP) \
-        & ((src_kind == CTA_IP_V4_SRC) | (src_kind == CTA_IP_V6_SRC)) \
-        & ((halves[proto // 2 + 1] & NLA_TYPE_MASK) == CTA_TUPLE_PROTO) \
-        & ((halves[(proto + 4) // 2 + 1] & NLA_TYPE_MASK) == CTA_PROTO_NUM)
-    if not np.all(good):
-        raise sockdiag.DumpError(errno.EPROTO, "ctnetlink original tuple not laid out as "
-                                 "CTA_TUPLE_IP then CTA_TUPLE_PROTO")
+    layout((ip_kind == CTA_TUPLE_IP) & (ip_end <= orig_end) & (src + 4 <= ip_end),
+           "CTA_TUPLE_IP first, holding an address")
+    src_len, src_kind = _attr(halves, src)
+    v6 = src_kind == CTA_IP_V6_SRC
+    layout((((src_kind == CTA_IP_V4_SRC) & (src_len == 8)) | (v6 & (src_len == 20)))
+           & (src + src_len <= ip_end), "a source address of 4 or 16 bytes first")
+    proto = ip + ((ip_len + 3) & ~3)
+    layout(proto + 8 <= orig_end, "CTA_TUPLE_PROTO after CTA_TUPLE_IP")
+    proto_len, proto_kind = _attr(halves, proto)
+    num_len, num_kind = _attr(halves, proto + 4)
+    layout((proto_kind == CTA_TUPLE_PROTO) & (proto + proto_len <= orig_end)
+           & (num_kind == CTA_PROTO_NUM) & (num_len >= 5) & (proto + 4 + num_len <= proto + proto_len),
+           "CTA_TUPLE_PROTO holding CTA_PROTO_NUM first")
     source = np.zeros((len(orig), 4), dtype=np.uint32)
     first = (src + 4) // 4
-    v6 = src_kind == CTA_IP_V6_SRC
     source[:, 0] = words[first]
     for i in range(1, 4):
         source[v6, i] = words[first[v6] + i]
     protocol = raw[proto + 8]
+    # a TCP entry's state: CTA_PROTOINFO { CTA_PROTOINFO_TCP { CTA_PROTOINFO_TCP_STATE } },
+    # each inside the one around it; where it is not, the entry has no state (NO_STATE)
     state = np.full(len(orig), NO_STATE, dtype=np.uint8)
-    tcp = (protocol == socket.IPPROTO_TCP) & (info >= 0)
-    at = info[tcp]
-    is_tcp_state = ((halves[(at + 4) // 2 + 1] & NLA_TYPE_MASK) == CTA_PROTOINFO_TCP) \
-        & ((halves[(at + 8) // 2 + 1] & NLA_TYPE_MASK) == CTA_PROTOINFO_TCP_STATE)
-    state[np.flatnonzero(tcp)[is_tcp_state]] = raw[at[is_tcp_state] + 12]
+    rows = np.flatnonzero((protocol == socket.IPPROTO_TCP) & (info >= 0))
+    at = info[rows]
+    info_end = at + _attr(halves, at)[0]  # inside the entry (decode checked)
+    fits = at + 8 <= info_end
+    rows, at, info_end = rows[fits], at[fits], info_end[fits]
+    tcp_len, tcp_kind = _attr(halves, at + 4)
+    tcp_end = at + 4 + tcp_len
+    fits = (tcp_kind == CTA_PROTOINFO_TCP) & (tcp_end <= info_end) & (at + 12 <= tcp_end)
+    rows, at, tcp_end = rows[fits], at[fits], tcp_end[fits]
+    state_len, state_kind = _attr(halves, at + 8)
+    fits = (state_kind == CTA_PROTOINFO_TCP_STATE) & (state_len >= 5) \
+        & (at + 8 + state_len <= tcp_end)
+    state[rows[fits]] = raw[at[fits] + 12]
     return FlowTable(family.astype(np.uint8), protocol.astype(np.uint8), state, status, source)
 
 
