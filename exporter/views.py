@@ -211,13 +211,17 @@ class ConntrackData:
 
 
 def _conntrack(ctx) -> ConntrackData | None:
+    # taken first: a read that blocks on a /proc file below and comes back after the
+    # watchdog gave the next sample a fresh buffer must not then dump into that one (found
+    # in review)
+    buffer = ctx.reader.buffer
     table = _read_noted(ctx, conntrack.read)
     if table is None:  # nf_conntrack not loaded: nothing to report, nothing failed
         return None
     stats = _read_noted(ctx, conntrack.read_stats)
     previous = ctx.previous("conntrack")
     previous_flows = previous.flows if previous is not None else None
-    flows, source = _flows(ctx, previous_flows)
+    flows, source = _flows(ctx, previous_flows, buffer)
     if flows is not None and ctx.remote is not None:
         # NAT sources share --series.limit with the TCP and device series read before them
         interfaces_data = ctx.current.get("interfaces")
@@ -236,12 +240,12 @@ def _conntrack(ctx) -> ConntrackData | None:
     return ConntrackData(table, flows, source, stats)
 
 
-def _flows(ctx, previous):
-    """Entries over ctnetlink (CAP_NET_ADMIN); where that is refused, /proc/net/nf_conntrack
-    (root only); else count and limit alone. Each fallback is said once."""
+def _flows(ctx, previous, buffer: bytearray):
+    """Entries over ctnetlink (CAP_NET_ADMIN) into `buffer` (the read's own, retries
+    included); where that is refused, /proc/net/nf_conntrack (root only); else count and
+    limit alone. Each fallback is said once."""
     options = ctx.remote or aggregate.RemoteOptions()
     refusal = OSError(errno.EPERM, "--collector.sockets.source=proc")
-    buffer = ctx.reader.buffer  # ours for the whole read, retries included
     try:
         if ctx.reader.mode != "proc":  # proc: no netlink at all, as for the socket tables
             return (_count_flows(lambda: ctnetlink.dump(buffer), options, previous),

@@ -346,3 +346,29 @@ def test_a_read_that_times_out_by_itself_failed_it_is_not_blocked(tmp_path):
     assert "the kernel stopped answering" in snapshot.results["snmp"].error
     assert snapshot.blocked == frozenset() and sampler.reader.buffer is buffer
     assert sampler.sample_once().blocked == frozenset()  # read again, not "still blocked"
+
+
+def test_a_late_conntrack_read_keeps_the_buffer_it_began_with(monkeypatch):
+    """conntrack's read blocked on a /proc file before it took the shared dump buffer; the
+    watchdog gave the next sample a fresh one, and the late read then dumped into that
+    same buffer while later samples' TCP dumps used it too (found in review)."""
+    from exporter.sources import conntrack, ctnetlink
+    from tests.test_proc_sockets import FIXTURES
+    release, used = threading.Event(), {}
+    monkeypatch.setattr(conntrack, "read", lambda procfs, missing=None: conntrack.Conntrack(1, 10))
+    monkeypatch.setattr(conntrack, "read_stats",
+                        lambda procfs, missing=None: release.wait(5) and None)
+
+    def dump(buffer=None, timeout=10.0):
+        used["conntrack"] = buffer
+        return iter(())
+    monkeypatch.setattr(ctnetlink, "dump", dump)
+    reader = SocketReader("netlink", procfs=str(FIXTURES),
+                          dump=lambda *args, buffer=None, **kwargs: iter(()))
+    sampler = Sampler(reader, views=(BY_NAME["conntrack"],), budget=0.2, interval=0.1)
+    first = reader.buffer
+    assert sampler.sample_once().blocked == frozenset({"conntrack"})
+    assert reader.buffer is not first
+    release.set()
+    assert wait_for(lambda: "conntrack" in used, 5)
+    assert used["conntrack"] is first
