@@ -344,3 +344,25 @@ def test_any_nested_length_is_read_safely(data):
     except OSError:
         return
     assert len(table) == 1
+
+
+def test_proc_lines_port_only_nat_and_offloaded_entries():
+    """/proc/net/nf_conntrack, where ctnetlink is refused: a REDIRECT changes the port alone
+    (only addresses were compared: no NAT seen), and an offloaded entry's line has no
+    timeout, so its TCP state stands one field earlier (it was lost); found in review."""
+    lines = [
+        "ipv4     2 tcp      6 431999 ESTABLISHED src=127.0.0.1 dst=127.0.0.1 sport=40000 "
+        "dport=80 src=127.0.0.1 dst=127.0.0.1 sport=8080 dport=40000 [ASSURED] mark=0 use=2",
+        "ipv4     2 tcp      6 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=1 dport=2 "
+        "src=10.0.0.2 dst=10.0.0.1 sport=2 dport=1 [OFFLOAD] mark=0 zone=0 use=3",
+        "ipv4     2 udp      17 29 src=10.0.0.1 dst=10.0.0.2 sport=5000 dport=53 "
+        "src=10.0.0.2 dst=198.51.100.1 sport=53 dport=61000 mark=0 use=2",
+        "ipv4     2 icmp     1 29 src=10.0.0.1 dst=10.0.0.2 type=8 code=0 id=7 "
+        "src=10.0.0.2 dst=10.0.0.1 type=0 code=0 id=7 mark=0 use=2",
+    ]
+    table = ctnetlink.parse_proc(lines)
+    nat = ctnetlink.IPS_SRC_NAT | ctnetlink.IPS_DST_NAT
+    assert (table.status & nat).tolist() == [ctnetlink.IPS_DST_NAT, 0, ctnetlink.IPS_SRC_NAT, 0]
+    established = ctnetlink.TCP_STATES.index("ESTABLISHED")
+    assert table.state.tolist() == [established, established, ctnetlink.NO_STATE,
+                                    ctnetlink.NO_STATE]

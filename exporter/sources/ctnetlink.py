@@ -212,16 +212,25 @@ def parse_proc(lines, name: str = "?") -> FlowTable:
 def _proc_row(fields: list[str]) -> tuple:
     family = _FAMILIES[fields[0]]
     protocol = files.integer(fields[3], "protocol", 0, 255)
-    state = _STATE_INDEX.get(fields[5], NO_STATE) if protocol == socket.IPPROTO_TCP else NO_STATE
+    # the timeout is left out of an offloaded entry's line (ct_seq_show): the state follows
+    # the protocol number at once there (found in review)
+    named = fields[5] if fields[4].isdigit() else fields[4]
+    state = _STATE_INDEX.get(named, NO_STATE) if protocol == socket.IPPROTO_TCP else NO_STATE
     pairs = [f.split("=", 1) for f in fields if "=" in f]
     src = [v for k, v in pairs if k == "src"]
     dst = [v for k, v in pairs if k == "dst"]
     if len(src) < 2 or len(dst) < 2:
         raise ValueError("expected the original and the reply tuple")
+    # ports where the protocol has them (None twice where not): a REDIRECT or a port-only
+    # DNAT changes the port alone (found in review)
+    sport = ([v for k, v in pairs if k == "sport"] + [None, None])[:2]
+    dport = ([v for k, v in pairs if k == "dport"] + [None, None])[:2]
     status = 0 if "[UNREPLIED]" in fields else IPS_SEEN_REPLY
     status |= IPS_ASSURED if "[ASSURED]" in fields else 0
-    status |= IPS_SRC_NAT if dst[1] != src[0] else 0  # the reply goes to someone else
-    status |= IPS_DST_NAT if src[1] != dst[0] else 0  # the reply comes from someone else
+    # the reply goes to someone else (or another port): source NAT; comes from someone else
+    # (or another port): destination NAT
+    status |= IPS_SRC_NAT if (dst[1], dport[1]) != (src[0], sport[0]) else 0
+    status |= IPS_DST_NAT if (src[1], sport[1]) != (dst[0], dport[0]) else 0
     packed = socket.inet_pton(family, src[0])
     source = tuple(np.frombuffer(packed.ljust(16, b"\0"), dtype=np.uint32))
     return family, protocol, state, status, source
