@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,35 @@ def keep_freed_memory() -> None:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)
     mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+class _Worker:
+    """One daemon thread running a view's reads in turn. Daemon: a read that never returns (a
+    hung mount) must not keep the process from exiting, and ThreadPoolExecutor's threads are
+    joined at exit (found in review: after SIGTERM the exporter waited on such a read for
+    ever)."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """The thread ends once the read it is in (if any) returns."""
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # the sampler's to see  # noqa: BLE001
+                    future.set_exception(exc)
 
 
 class Blocked(TimeoutError):
@@ -114,7 +144,7 @@ class Sampler:
         # the watchdog: a read not back within `budget` seconds is reported failed, and the
         # view is skipped until that read returns; other views and shutdown never wait on it
         self.budget = budget if budget is not None else max(10.0, 2 * interval)
-        self._workers: dict[str, ThreadPoolExecutor] = {}
+        self._workers: dict[str, _Worker] = {}
         self._stuck: dict[str, tuple[Future, str]] = {}  # view -> (read, when it began)
         self._history_lock = threading.Lock()
         self._clock = clock
@@ -210,8 +240,7 @@ class Sampler:
             log.warning("collector %s returned after blocking; reading it again", view.name)
         worker = self._workers.get(view.name)
         if worker is None:
-            worker = self._workers[view.name] = ThreadPoolExecutor(
-                1, thread_name_prefix=f"read-{view.name}")
+            worker = self._workers[view.name] = _Worker(f"read-{view.name}")
         future = worker.submit(view.read, self)
         # wait(), not result(timeout): on Python 3.11 the futures' TimeoutError is the
         # built-in one, which a read raises itself when the kernel stops answering
@@ -222,7 +251,7 @@ class Sampler:
             "%H:%M:%S", time.localtime(self._wall_clock() - self.budget)))
         # the blocked read keeps its buffer: the others get a fresh one
         self.reader.buffer = bytearray(len(self.reader.buffer))
-        self._workers.pop(view.name).shutdown(wait=False)
+        self._workers.pop(view.name).shutdown()
         raise Blocked(f"no answer within {self.budget:g}s; reported failed until it returns")
 
     def _update_peaks(self, now: float, results: Mapping[str, SourceResult]) -> dict[str, int]:

@@ -372,3 +372,26 @@ def test_a_late_conntrack_read_keeps_the_buffer_it_began_with(monkeypatch):
     release.set()
     assert wait_for(lambda: "conntrack" in used, 5)
     assert used["conntrack"] is first
+
+
+def test_a_read_that_never_returns_does_not_keep_the_process_alive():
+    """Reads run in daemon threads: after SIGTERM (SystemExit in the main thread) the process
+    exits even while a read hangs on a dead mount (with ThreadPoolExecutor's threads, which
+    are joined at exit, it waited for ever; found in review)."""
+    import subprocess
+    import sys
+    script = """
+import dataclasses, threading
+from exporter.sampler import Sampler, SocketReader
+from exporter.views import BY_NAME
+never = threading.Event()
+hung = dataclasses.replace(BY_NAME["snmp"], read=lambda _ctx: never.wait())
+sampler = Sampler(SocketReader("proc", procfs="/nonexistent"), views=(hung,), budget=0.2,
+                  interval=0.1)
+assert sampler.sample_once().blocked == frozenset({"snmp"})
+sampler.stop(1)
+raise SystemExit(0)
+"""
+    done = subprocess.run([sys.executable, "-c", script], timeout=30, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
