@@ -119,3 +119,39 @@ def test_a_three_second_syn_burst_between_samples_shows_in_the_peak(netns_factor
     assert value(texts["1"], 'netstat_tcp_connections_peak{state="SYN_RECV"}') == 50
     assert value(texts["1"], "netstat_exporter_fast_lane_duration_seconds") < 1
     assert value(texts["0"], 'netstat_tcp_connections_peak{state="SYN_RECV"}') == 0  # missed
+
+
+def test_the_lane_keeps_running_while_other_views_are_read():
+    """The lane pauses while the TCP view is read in full, not for the whole sample: a burst
+    while a slow view (conntrack, the netns walk) was read never reached the peak (found in
+    review)."""
+    import dataclasses
+    import threading
+    import time
+    from exporter.sampler import Sampler, SocketReader
+    from exporter.views import BY_NAME
+    from tests.test_proc_sockets import FIXTURES
+    syn = {"n": 0}
+    in_slow = threading.Event()
+
+    def slow(_ctx):
+        in_slow.set()
+        time.sleep(0.6)
+        return {}
+    tcp = dataclasses.replace(BY_NAME["tcp"], fast=lambda ctx: {"SYN_RECV": syn["n"]})
+    sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)),
+                      views=(tcp, dataclasses.replace(BY_NAME["snmp"], read=slow)),
+                      interval=3600, fast_interval=0.02, budget=20, peak_window=60)
+    sampler.start()  # the first sample, then the lane
+    in_slow.clear()
+    sampling = threading.Thread(target=sampler.sample_once)
+    sampling.start()
+    try:
+        assert in_slow.wait(5)  # a sample is reading the slow view now
+        syn["n"] = 50
+        time.sleep(0.3)  # some 15 ticks of the lane
+        syn["n"] = 0
+        sampling.join(5)
+        assert sampler.sample_once().peaks["SYN_RECV"] == 50
+    finally:
+        sampler.stop(2)
