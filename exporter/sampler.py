@@ -289,9 +289,10 @@ class Sampler:
                 continue
             started = self._clock()
             counts: dict[str, int] = {}
+            answered = False  # a lane that read something (None: no cheap read here)
             for view in lanes:
                 try:
-                    counts.update(view.fast(self) or {})
+                    read = view.fast(self)
                 except Exception as exc:  # the lane is a bonus: say so once, keep sampling
                     if view.name not in failing:
                         failing.add(view.name)
@@ -299,7 +300,11 @@ class Sampler:
                                     "alone): %s", view.name, exc)
                 else:
                     failing.discard(view.name)
-            self._fast_duration = self._clock() - started
+                    answered |= read is not None
+                    counts.update(read or {})
+            # no duration where no lane read anything: the metric would say a lane works
+            # (found in review)
+            self._fast_duration = self._clock() - started if answered else None
             self._record_peaks(self._clock(), counts)
 
     def sample_once(self) -> Snapshot:

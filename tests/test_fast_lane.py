@@ -155,3 +155,27 @@ def test_the_lane_keeps_running_while_other_views_are_read():
         assert sampler.sample_once().peaks["SYN_RECV"] == 50
     finally:
         sampler.stop(2)
+
+
+def test_no_lane_duration_where_no_lane_reads_anything():
+    """Where the socket tables come from /proc the lane has no cheap read (it returns None),
+    and where it fails it read nothing: netstat_exporter_fast_lane_duration_seconds must not
+    be there to say a lane works (found in review)."""
+    import dataclasses
+    import time
+    from exporter.sampler import Sampler, SocketReader
+    from exporter.views import BY_NAME
+    from tests.test_proc_sockets import FIXTURES
+
+    def failing(_ctx):
+        raise OSError("no lane here")
+    for fast in (lambda _ctx: None, failing):
+        tcp = dataclasses.replace(BY_NAME["tcp"], fast=fast)
+        sampler = Sampler(SocketReader("proc", procfs=str(FIXTURES)), views=(tcp,),
+                          interval=3600, fast_interval=0.02, budget=20)
+        sampler.start()
+        try:
+            time.sleep(0.3)
+            assert sampler.sample_once().fast_duration is None
+        finally:
+            sampler.stop(2)
