@@ -111,7 +111,7 @@ class Sampler:
 
     Readers get the sampler as their context: .reader (the socket reader, procfs), the
     options below, .previous(name) (the last snapshot's data, for top-N hysteresis),
-    .current (the results read so far in this sample) and .truncated_total."""
+    .current (the results read so far in this sample) and .count_truncated(kind, cut)."""
 
     def __init__(self, reader: SocketReader, interval: float = 5.0, listen_limit: int = 100,
                  peak_window: float = 60.0, remote: aggregate.RemoteOptions | None = None,
@@ -161,6 +161,7 @@ class Sampler:
         self.truncated_total: dict[str, int] = (
             dict.fromkeys(aggregate.SERIES_LIMITED, 0) if remote else {})
         self.current: dict[str, Any] = {}  # this sample's results so far, by view
+        self._reading = threading.local()  # .cuts: what the read in this thread cut so far
         self._history: collections.deque[tuple[float, dict[str, int]]] = collections.deque()
         self._errors: dict[str, str] = {}  # view -> its current error, while failing
         self._said: set[str] = set()  # once() keys already logged
@@ -231,6 +232,20 @@ class Sampler:
                         socket_sources=MappingProxyType(dict(self.reader.sources)),
                         blocked=frozenset(self._stuck), fast_duration=self._fast_duration)
 
+    def count_truncated(self, kind: str, cut: int) -> None:
+        """Label sets a view's read cut (--series.limit): counted in truncated_total once the
+        sampler keeps that read's result, so a read the watchdog gave up on counts nothing
+        (it counted before; found in review)."""
+        cuts = self._reading.cuts
+        cuts[kind] = cuts.get(kind, 0) + cut
+
+    def _read_in_worker(self, view):
+        self._reading.cuts = cuts = {}
+        try:
+            return view.read(self), cuts
+        finally:
+            self._reading.cuts = None
+
     def _read(self, view):
         """view.read(self) in the view's own worker thread, waited for at most the budget."""
         stuck = self._stuck.get(view.name)
@@ -244,12 +259,15 @@ class Sampler:
         worker = self._workers.get(view.name)
         if worker is None:
             worker = self._workers[view.name] = _Worker(f"read-{view.name}")
-        future = worker.submit(view.read, self)
+        future = worker.submit(self._read_in_worker, view)
         # wait(), not result(timeout): on Python 3.11 the futures' TimeoutError is the
         # built-in one, which a read raises itself when the kernel stops answering
         # (SO_RCVTIMEO): that read failed, it is not blocked (found in review)
         if wait((future,), timeout=self.budget).done:
-            return future.result()
+            data, cuts = future.result()
+            for kind, cut in cuts.items():
+                self.truncated_total[kind] = self.truncated_total.get(kind, 0) + cut
+            return data
         self._stuck[view.name] = (future, time.strftime(
             "%H:%M:%S", time.localtime(self._wall_clock() - self.budget)))
         # the blocked read keeps its buffer: the others get a fresh one

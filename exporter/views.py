@@ -99,7 +99,7 @@ def _tcp(ctx) -> aggregate.TcpSummary:
             _zoned(listener) for listener in summary.listeners))
     if summary.remote is not None:
         for metric, cut in summary.remote.truncated.items():
-            ctx.truncated_total[metric] = ctx.truncated_total.get(metric, 0) + cut
+            ctx.count_truncated(metric, cut)
     return summary
 
 
@@ -168,7 +168,7 @@ def _interfaces(ctx) -> interfaces.InterfaceTable:
     shown = tuple(sorted(device for device, _count in aggregate.top_n(traffic, room, incumbents)))
     cut = len(wanted) - len(shown)
     if ctx.remote is not None or cut:  # the counter exists wherever the budget applies
-        ctx.truncated_total["devices"] = ctx.truncated_total.get("devices", 0) + cut
+        ctx.count_truncated("devices", cut)
     return dataclasses.replace(table, counters=wanted, shown=shown)
 
 
@@ -235,8 +235,7 @@ def _conntrack(ctx) -> ConntrackData | None:
                         if label == aggregate.OTHER) + sum(count for _label, count in cut)
             flows = dataclasses.replace(flows, nat_sources=tuple(kept) + ((aggregate.OTHER,
                                                                            other),))
-            ctx.truncated_total["nat_sources"] = ctx.truncated_total.get("nat_sources", 0) \
-                + len(cut)
+            ctx.count_truncated("nat_sources", len(cut))
     return ConntrackData(table, flows, source, stats)
 
 

@@ -396,3 +396,26 @@ raise SystemExit(0)
     done = subprocess.run([sys.executable, "-c", script], timeout=30, capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_series_cut_by_a_read_the_watchdog_gave_up_on_are_not_counted():
+    """A view counts the label sets it cut; a read that blocked and whose result is thrown
+    away cut nothing that was published (it counted, found in review)."""
+    release = threading.Event()
+    calls = []
+
+    def read(ctx):
+        calls.append(1)
+        ctx.count_truncated("devices", 3)
+        if len(calls) == 2:
+            release.wait(5)
+        return {}
+    view = dataclasses.replace(BY_NAME["snmp"], read=read)
+    sampler = Sampler(SocketReader("proc", procfs="/nonexistent"), views=(view,), budget=0.2,
+                      interval=0.1)
+    assert sampler.sample_once().truncated_total["devices"] == 3
+    assert sampler.sample_once().blocked == frozenset({"snmp"})
+    release.set()
+    assert wait_for(lambda: len(calls) == 2 and not sampler._stuck["snmp"][0].running(), 5)
+    snapshot = sampler.sample_once()  # the late read's result is dropped, this one is read
+    assert snapshot.results["snmp"].ok and snapshot.truncated_total["devices"] == 6
