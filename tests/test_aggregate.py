@@ -411,6 +411,20 @@ def test_min_connections_keeps_a_random_source_flood_in_other():
     assert len({a for (s, a) in summarize(rows).remote.remote if s == "SYN_RECV"}) == 21
 
 
+def test_client_time_wait_destinations_obey_include_and_exclude():
+    """--remote.exclude keeps an address out of every label: client TIME_WAIT destinations
+    were labelled whatever the filters said (found in review)."""
+    import ipaddress
+    rows = ([(TW, "127.0.0.9", 40000)] * 3 + [(TW, "127.0.0.5", 40001)] * 2
+            + [(TW, "10.1.1.1", 40002)])
+    summary = summarize(rows, include=(ipaddress.ip_network("127.0.0.0/8"),),
+                        exclude=(ipaddress.ip_network("127.0.0.9/32"),)).remote
+    assert dict(summary.client_time_wait) == {"127.0.0.5:1234": 2, OTHER: 0, EXCLUDED: 4}
+    assert summary.remote[("TIME_WAIT", EXCLUDED)] == 4
+    assert dict(summarize(rows).remote.client_time_wait) == {
+        "127.0.0.9:1234": 3, "127.0.0.5:1234": 2, "10.1.1.1:1234": 1, OTHER: 0}
+
+
 def test_an_incumbent_below_the_minimum_holds_no_place_a_qualifying_remote_needs():
     """--remote.min-connections applies before the ranking. A remote shown last sample that
     fell below the minimum must not keep, on its hysteresis bonus, the one place that a

@@ -681,14 +681,23 @@ class RemoteAccumulator:
     def _client_time_wait(self, listening: list[int], incumbents: frozenset):
         """TIME_WAIT sockets whose local port is not a listening port (we connected out),
         counted per destination address and port; exact addresses (no prefix), labels
-        masked like the remotes'."""
+        masked like the remotes', and --remote.include/--remote.exclude applied: a
+        destination they leave out is counted in destination="excluded" (it was labelled
+        regardless, found in review: an excluded address leaked through this metric)."""
+        filtered = bool(self._networks[0] or self._networks[1])
+        empty = {OTHER: 0, EXCLUDED: 0} if filtered else {OTHER: 0}
         if not self._time_wait:
-            return {OTHER: 0}, frozenset()
+            return empty, frozenset()
         hi, lo, rport, lport = (np.concatenate(column) for column in zip(*self._time_wait))
         client = ~np.isin(lport, np.asarray(listening, dtype=lport.dtype))
         hi, lo, rport = hi[client], lo[client], rport[client]
+        excluded = 0
+        if filtered:
+            keep = self._filter(hi, lo)
+            excluded = len(keep) - int(np.count_nonzero(keep))
+            hi, lo, rport = hi[keep], lo[keep], rport[keep]
         if not len(hi):
-            return {OTHER: 0}, frozenset()
+            return {**empty, EXCLUDED: excluded} if filtered else empty, frozenset()
         rows, counts = count_keys(hi, lo, rport.astype(np.uint64))
         destinations = {}
         for row, count in zip(rows.tolist(), counts.tolist()):
@@ -704,4 +713,6 @@ class RemoteAccumulator:
             out[f"[{text}]:{port}" if key.version == 6 else f"{text}:{port}"] = \
                 destinations[(key, port)]
         out[OTHER] = int(counts.sum()) - sum(out.values())
+        if filtered:
+            out[EXCLUDED] = excluded
         return out, frozenset(shown)

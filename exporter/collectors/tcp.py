@@ -65,9 +65,11 @@ class TcpCollector:
 
         client = gauge("tcp_client_time_wait", "Client-side TIME_WAIT sockets (we connected "
                        "out: the local port is not a listening one) per destination "
-                       "address:port, the top --remote.top and the rest in "
-                       "destination=\"other\". Each holds an ephemeral port toward that "
-                       "destination: compare with netstat_sockstat_ephemeral_ports.",
+                       "address:port (exact: --remote.prefix-* not applied; "
+                       "--remote.include/-exclude are, the rest in destination=\"excluded\"), "
+                       "the top --remote.top and the rest in destination=\"other\". Each "
+                       "holds an ephemeral port toward that destination: compare with "
+                       "netstat_sockstat_ephemeral_ports.",
                        ("destination",))
         for destination, count in tcp.remote.client_time_wait.items():
             client.add((destination,), count)
