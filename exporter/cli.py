@@ -73,8 +73,9 @@ def _snapshot_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="netstat-exporter snapshot",
                      description="Print TCP connection counts per state, like "
                                  "netstat -ant | awk '/^tcp/ {++S[$NF]} END {for(a in S) print a, S[a]}'.")
-    parser.add_argument("--watch", metavar="SECONDS", type=float,
-                        help="print again every SECONDS, like netstat -c")
+    parser.add_argument("--watch", metavar="SECONDS", type=_watch_seconds,
+                        help="print again every SECONDS (0.05 to 86400), like netstat -c; "
+                             "with --json, one document per line")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     # one table at a time, as with netstat's own -s / -r / -g / -i
     tables = parser.add_mutually_exclusive_group()
@@ -252,11 +253,18 @@ def serve_main(cfg: config.Config) -> int:
     return 0
 
 
+def _watch_seconds(text: str) -> float:
+    """--watch's value, bounded like --sample.interval (inf made the watchdog's wait
+    overflow, found in review); argparse turns the ValueError into a usage error."""
+    try:
+        return config._seconds(0.05)(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def snapshot_main(argv: list[str]) -> int:
     parser = _snapshot_parser()
     args = parser.parse_args(argv)
-    if args.watch is not None and not args.watch > 0:
-        parser.error(f"--watch: must be a positive number of seconds, got {args.watch}")
     if args.top is not None and args.top < 1:
         parser.error(f"--top: must be at least 1, got {args.top}")
     table = next((t for t in TABLES if t.flag and getattr(args, f"table{t.flag}")),
@@ -287,7 +295,9 @@ def snapshot_main(argv: list[str]) -> int:
                           file=sys.stderr)
                     return 1
             text = table.render(snapshot, args, previous)
-            if args.watch:  # one write with its table: Ctrl-C never leaves a heading alone
+            # one write with its table: Ctrl-C never leaves a heading alone; JSON gets none
+            # (a "#" line made the stream invalid JSON; found in review)
+            if args.watch and not args.json:
                 taken = time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(snapshot.taken_at))
                 text = f"# {taken}\n{text}"
             print(text, flush=True)

@@ -158,6 +158,16 @@ def wait_for_line(proc, text: str, timeout: float = 15.0) -> str:
                        f"{text!r} on stderr")[-1]
 
 
+def read_lines(proc, count: int, timeout: float = 15.0) -> list[str]:
+    """The process's next `count` lines of stdout (it must be alive to print them)."""
+    seen = [0]
+
+    def enough(_line):
+        seen[0] += 1
+        return seen[0] == count
+    return _read_until(proc.stdout, enough, timeout, f"{count} lines on stdout")
+
+
 def read_blocks(proc, count: int, timeout: float = 15.0) -> str:
     """Wait until a `snapshot --watch` process has printed `count` blocks ("# <time>" lines)
     and the line after the last one; return what was read."""

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import pytest
 
-from tests.kernel import read_blocks
+from tests.kernel import read_blocks, read_lines
 
 
 pytestmark = pytest.mark.netns
@@ -52,6 +52,31 @@ def test_watch_repeats_until_interrupted(mix):
     blocks = [b for b in out.split("# ") if b]
     assert len(blocks) >= 3
     assert all("ESTABLISHED 15\n" in b for b in blocks)
+
+
+def test_watch_with_json_prints_one_document_per_line(mix):
+    """A "# <time>" heading before each JSON document made the stream invalid JSON (found
+    in review): with --json every line is a document."""
+    proc = subprocess.Popen(["ip", "netns", "exec", mix.ns.name, sys.executable, "-m", "exporter",
+                             "snapshot", "--json", "--watch", "0.2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_lines(proc, 3)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+    documents = [json.loads(line) for line in lines]
+    assert all(d["tcp"]["states"]["ESTABLISHED"] == 15 for d in documents)
+    assert len({d["taken_at"] for d in documents}) == 3
+
+
+@pytest.mark.parametrize("value", ["inf", "1e308", "0", "-1", "nan", "soon"])
+def test_watch_takes_only_a_sensible_number_of_seconds(value):
+    """--watch inf passed the old check and overflowed the watchdog's wait (a traceback,
+    then a misleading error; found in review): now a usage error."""
+    done = subprocess.run([sys.executable, "-m", "exporter", "snapshot", "--watch", value],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--watch" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_listeners_and_udp(mix):
