@@ -281,7 +281,11 @@ def snapshot_main(argv: list[str]) -> int:
     disabled = sorted(name for name in table.needs if name in cfg.disabled)
     if disabled:
         parser.error(f"the {disabled[0]} collector is disabled (--collector.disable)")
-    cfg = dataclasses.replace(cfg, **dict(table.options))
+    # a table is not a set of series: --series.limit (or its environment variable, set for
+    # the exporter in its container) must not cut rows from it; --listen.limit and --top
+    # say how many (the budget cut listeners and the footer blamed --listen.limit; found in
+    # review)
+    cfg = dataclasses.replace(cfg, series_limit=config.MAX_SERIES_LIMIT, **dict(table.options))
     sampler = _sampler(cfg, args.watch or cfg.sample_interval, frozenset(needed))
     args.mask_key = sampler.remote.mask_key
     previous = None

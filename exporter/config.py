@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 SOURCE_MODES = ("auto", "netlink", "proc")
 # Two series per remote state and one per port state must always fit (their "other" rows).
 MIN_SERIES_LIMIT = 28
+MAX_SERIES_LIMIT = 10_000_000
 
 ENV_PREFIX = "NETSTAT_EXPORTER_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -227,7 +228,7 @@ OPTIONS: dict[str, tuple[str, Callable[[str], object], str]] = {
                           "key for --remote.mask; prefer the environment variable (flags show in ps)"),
     "--local-port.top": ("local_port_top", _count(0, 65_536),
                          "listening ports with their own series (default 50)"),
-    "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT, 10_000_000),
+    "--series.limit": ("series_limit", _count(MIN_SERIES_LIMIT, MAX_SERIES_LIMIT),
                        "hard cap on remote, local-port and listener series together (default 2000)"),
     "--collector.disable": ("disabled", _names,
                             "comma-separated views to switch off, like --no-collector.NAME "

@@ -44,7 +44,8 @@ def states(snapshot, args, previous=None) -> str:
             "taken_at": snapshot.taken_at,
             "tcp": {"states": totals,
                     "by_family": _nest(tcp.connections),
-                    "listeners": [vars(lst) for lst in tcp.listeners]},
+                    "listeners": [vars(lst) for lst in tcp.listeners],
+                    "listeners_total": tcp.listeners_total},
             "udp": _nest(udp.data.sockets) if udp is not None and udp.ok else None,
             "sources": dict(snapshot.socket_sources),
         }
@@ -79,8 +80,9 @@ def programs(snapshot, args, previous=None) -> str:
 
 def listeners(snapshot, args, previous=None) -> str:
     tcp, as_json = snapshot.results["tcp"].data, args.json
-    if as_json:
-        return json.dumps([vars(listener) for listener in tcp.listeners])
+    if as_json:  # with how many there are: a list cut by --listen.limit must say so
+        return json.dumps({"listeners": [vars(listener) for listener in tcp.listeners],
+                           "total": tcp.listeners_total})
     lines = [f"{'Recv-Q':>6} {'Send-Q':>6} Local Address"]
     for lst in sorted(tcp.listeners, key=lambda l: (l.port, l.family, l.address)):
         backlog = "-" if lst.backlog is None else lst.backlog

@@ -54,6 +54,23 @@ def test_watch_repeats_until_interrupted(mix):
     assert all("ESTABLISHED 15\n" in b for b in blocks)
 
 
+def test_a_table_is_not_cut_by_the_series_budget_and_json_says_what_was_cut(mix):
+    """--series.limit bounds series, not a table's rows: set for the exporter (its
+    environment variable, in its container) it cut `snapshot -l` to fewer listeners, and the
+    footer blamed --listen.limit; JSON lists cut by --listen.limit said nothing (found in
+    review)."""
+    import os
+    done = subprocess.run(["ip", "netns", "exec", mix.ns.name, sys.executable, "-m", "exporter",
+                           "snapshot", "-l"], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "NETSTAT_EXPORTER_SERIES_LIMIT": "28"})
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1 + 4 and "more" not in done.stdout
+    listed = json.loads(snapshot(mix.ns, "-l", "--json", "--listen.limit", "2").stdout)
+    assert len(listed["listeners"]) == 2 and listed["total"] == 4
+    document = json.loads(snapshot(mix.ns, "--json", "--listen.limit", "2").stdout)
+    assert len(document["tcp"]["listeners"]) == 2 and document["tcp"]["listeners_total"] == 4
+
+
 def test_watch_with_json_prints_one_document_per_line(mix):
     """A "# <time>" heading before each JSON document made the stream invalid JSON (found
     in review): with --json every line is a document."""
