@@ -203,8 +203,11 @@ def test_port_in_use_is_one_clear_line():
     (["--series.limit=99999999999"], "--series.limit: must be an integer from 28 to 10000000"),
     (["--sample.peak-window=1e10"], "--sample.peak-window: must be a number of seconds from 0"),
     (["--collector.disable=tcp,bogus"], "unknown collector 'bogus'"),
-    (["snapshot", "--watch=-3"], "--watch: must be a positive number"),
-    (["snapshot", "--watch=abc"], "invalid float value"),
+    (["snapshot", "--watch=-3"], "--watch: must be a number of seconds from 0.05 to 86400"),
+    (["snapshot", "--watch=abc"], "--watch: must be a number of seconds from 0.05 to 86400"),
+    # inf passed the old check and overflowed the watchdog's wait (found in review)
+    (["snapshot", "--watch=inf"], "--watch: must be a number of seconds from 0.05 to 86400"),
+    (["snapshot", "--watch=1e308"], "--watch: must be a number of seconds from 0.05 to 86400"),
     (["snapshot", "-s", "-r"], "not allowed with argument"),
     (["snapshot", "-p", "--top", "3"], "-p: not allowed with --top or --state"),
     (["snapshot", "--state", "LISTEN"], "LISTEN sockets have no remote address"),
