@@ -423,6 +423,11 @@ def test_client_time_wait_destinations_obey_include_and_exclude():
     assert summary.remote[("TIME_WAIT", EXCLUDED)] == 4
     assert dict(summarize(rows).remote.client_time_wait) == {
         "127.0.0.9:1234": 3, "127.0.0.5:1234": 2, "10.1.1.1:1234": 1, OTHER: 0}
+    none_left = summarize(rows, exclude=(ipaddress.ip_network("0.0.0.0/0"),)).remote
+    assert dict(none_left.client_time_wait) == {OTHER: 0, EXCLUDED: 6}
+    server_side = summarize(rows + [(TcpState.LISTEN, "0.0.0.0", 40000)]
+                            + [(TcpState.LISTEN, "0.0.0.0", p) for p in (40001, 40002)]).remote
+    assert dict(server_side.client_time_wait) == {OTHER: 0}
 
 
 def test_an_incumbent_below_the_minimum_holds_no_place_a_qualifying_remote_needs():

@@ -144,9 +144,9 @@ def count_keys(hi: np.ndarray, lo: np.ndarray, tag: np.ndarray,
                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Distinct (tag, hi, lo) keys: (index of one row holding each, its count or summed
     weight), in no particular order; weights are summed in float64, exact while a key's sum
-    stays below 2**53 (socket counts, the only weights passed, always do). Exact: every row is compared with the row that won its
-    bucket, in full; rows of other keys go round again with another hash, and the few left
-    after _MAX_ROUNDS are sorted.
+    stays below 2**53 (socket counts, the only weights passed, always do). Exact: every row
+    is compared with the row that won its bucket, in full; rows of other keys go round again
+    with another hash, and the few left after _MAX_ROUNDS are sorted.
 
     Worked example: hi [0, 0, 0], lo [5, 7, 5], tag [1, 1, 1] -> rows [0, 1] (some order),
     counts [2, 1]."""
@@ -685,9 +685,8 @@ class RemoteAccumulator:
         destination they leave out is counted in destination="excluded" (it was labelled
         regardless, found in review: an excluded address leaked through this metric)."""
         filtered = bool(self._networks[0] or self._networks[1])
-        empty = {OTHER: 0, EXCLUDED: 0} if filtered else {OTHER: 0}
         if not self._time_wait:
-            return empty, frozenset()
+            return ({OTHER: 0, EXCLUDED: 0} if filtered else {OTHER: 0}), frozenset()
         hi, lo, rport, lport = (np.concatenate(column) for column in zip(*self._time_wait))
         client = ~np.isin(lport, np.asarray(listening, dtype=lport.dtype))
         hi, lo, rport = hi[client], lo[client], rport[client]
@@ -696,8 +695,7 @@ class RemoteAccumulator:
             keep = self._filter(hi, lo)
             excluded = len(keep) - int(np.count_nonzero(keep))
             hi, lo, rport = hi[keep], lo[keep], rport[keep]
-        if not len(hi):
-            return {**empty, EXCLUDED: excluded} if filtered else empty, frozenset()
+        # no rows left: count_keys finds no key, and the result is OTHER (and EXCLUDED) alone
         rows, counts = count_keys(hi, lo, rport.astype(np.uint64))
         destinations = {}
         for row, count in zip(rows.tolist(), counts.tolist()):
