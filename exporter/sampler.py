@@ -140,7 +140,7 @@ class Sampler:
         self.fast_buffer = bytearray(FAST_BUFFER_BYTES)
         self._fast_duration: float | None = None
         self._fast_thread: threading.Thread | None = None
-        self._sampling = threading.Event()  # set while a view with a lane is read
+        self._lane_paused = threading.Event()  # set while a view with a lane is read
         # the watchdog: a read not back within `budget` seconds is reported failed, and the
         # view is skipped until that read returns; other views and shutdown never wait on it
         self.budget = budget if budget is not None else max(10.0, 2 * interval)
@@ -187,9 +187,6 @@ class Sampler:
         return self._snapshot
 
     def sample(self) -> Snapshot:
-        return self._sample()
-
-    def _sample(self) -> Snapshot:
         started = self._clock()
         results = {}
         self.current = {}
@@ -200,7 +197,7 @@ class Sampler:
             # peaks itself), not for the whole sample: a burst while conntrack or the netns
             # walk is read would never reach the peak (found in review)
             if view.fast is not None:
-                self._sampling.set()
+                self._lane_paused.set()
             try:
                 data = self._read(view)
             except Exception as exc:  # one failing source must never stop the others
@@ -218,7 +215,7 @@ class Sampler:
                 results[name] = SourceResult(True, self._clock() - t0, data=data)
                 self.current[name] = data
             finally:
-                self._sampling.clear()
+                self._lane_paused.clear()
         finished = self._clock()
         # time spent waiting on reads that did not return is not the cost of sampling:
         # it must not slow every other view down (stretch the interval)
@@ -301,9 +298,10 @@ class Sampler:
         lanes = [view for view in self.views if view.fast is not None]
         failing: set[str] = set()
         while not self._stop.wait(self.fast_interval):
-            # a sample under way reads every state exactly and feeds the peaks itself; a lane
-            # dump beside it would walk the same table again and compete for the same CPU
-            if self._sampling.is_set():
+            # a sample reading the lane's view reads every state exactly and feeds the peaks
+            # itself; a lane dump beside it would walk the same table again and compete for
+            # the same CPU
+            if self._lane_paused.is_set():
                 continue
             started = self._clock()
             counts: dict[str, int] = {}

@@ -99,8 +99,7 @@ def decode(data, seq: int) -> FlowTable:
         if not len(live):
             break
         at = pos[live]
-        length = halves[at // 2].astype(np.int64)
-        kind = halves[at // 2 + 1] & NLA_TYPE_MASK
+        length, kind = _attr(halves, at)
         if int(length.min()) < 4 or np.any(at + length > end[live]):
             raise sockdiag.DumpError(errno.EPROTO, "ctnetlink attribute overruns its entry")
         orig[live[kind == CTA_TUPLE_ORIG]] = at[kind == CTA_TUPLE_ORIG]
